@@ -70,13 +70,17 @@ def model_state(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_model(model: GPT, path: str | Path, *, tokenizer_spec: dict | None = None) -> None:
-    metadata = {
+def weights_metadata(config: ModelConfig, tokenizer_spec: dict | None) -> dict[str, str]:
+    """The header that makes a weights file self-describing."""
+    return {
         "format": WEIGHTS_FORMAT,
-        "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
+        "model_config": json.dumps(config.to_dict(), sort_keys=True),
         "tokenizer": json.dumps(tokenizer_spec or {}, sort_keys=True),
     }
-    save_tensors_atomic(model_state(model), path, metadata)
+
+
+def save_model(model: GPT, path: str | Path, *, tokenizer_spec: dict | None = None) -> None:
+    save_tensors_atomic(model_state(model), path, weights_metadata(model.config, tokenizer_spec))
 
 
 def load_weights_into(

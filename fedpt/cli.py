@@ -1,0 +1,334 @@
+"""The `fedpt` command. Parses arguments and calls into node/ (and later aggregator/); every
+error a user can cause is reported as one `fedpt: error: ...` line with exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from model.config import ConfigError, ModelConfig, preset
+from model.io import CheckpointError
+from model.tokenizer import TokenizerError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, TokenizerError)
+
+
+class UsageError(ValueError):
+    """A bad command line or config file."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage block on errors; a single line is easier to act on."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from node.corpus import DataError
+    from node.train_config import TrainConfigError
+    from node.trainer import TrainingError
+
+    return (*USER_ERRORS, UsageError, DataError, TrainConfigError, TrainingError)
+
+
+# ---- train ------------------------------------------------------------------------------------
+# CLI flag -> TrainConfig field; only flags given on the command line override the config file.
+TRAIN_FLAGS = {
+    "steps": int,
+    "micro_batch_size": int,
+    "grad_accum": int,
+    "seq_len": int,
+    "lr": float,
+    "warmup_steps": int,
+    "weight_decay": float,
+    "grad_clip": float,
+    "seed": int,
+    "eval_every": int,
+    "eval_batches": int,
+    "checkpoint_every": int,
+    "log_every": int,
+}
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on one corpus (the centralized baseline)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="folder/file of text, a prepared shard folder, or builtin[:ORG,...]",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="run folder for checkpoints, logs and weights"
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="model preset: tiny, small, 125m, 350m, 1b, 7b (default tiny)",
+    )
+    p.add_argument(
+        "--config", type=Path, help="TOML with [model] and [train] tables; flags override it"
+    )
+    p.add_argument(
+        "--tokenizer", help="BPE tokenizer JSON from `fedpt tokenizer train` (default: bytes)"
+    )
+    for name, kind in TRAIN_FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None, help="multi-rank mode")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each block")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None)
+    p.add_argument(
+        "--nproc-per-node", type=int, default=1, help="local ranks (relaunches under torchrun)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
+    )
+    p.set_defaults(func=cmd_train)
+
+
+def load_train_configs(args: argparse.Namespace) -> tuple[ModelConfig, object]:
+    from node.train_config import TrainConfig
+
+    model_table: dict = {}
+    train_table: dict = {}
+    if args.config is not None:
+        try:
+            raw = tomllib.loads(args.config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise UsageError(f"cannot read config {args.config}: {e}") from e
+        unknown = sorted(set(raw) - {"model", "train"})
+        if unknown:
+            raise UsageError(
+                f"{args.config}: unknown tables {', '.join(unknown)} (expected [model], [train])"
+            )
+        model_table, train_table = dict(raw.get("model", {})), dict(raw.get("train", {}))
+    preset_name = args.preset or model_table.pop("preset", "tiny")
+    model_table.pop("preset", None)
+    base = preset(preset_name)
+    model_config = ModelConfig.from_dict({**base.to_dict(), **model_table})
+    flags = {
+        name: getattr(args, name)
+        for name in (*TRAIN_FLAGS, "precision", "parallel", "compile", "activation_checkpointing")
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    train_config = TrainConfig.from_dict({**TrainConfig().to_dict(), **train_table, **overrides})
+    return model_config, train_config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    model_config, train_config = load_train_configs(args)
+    if args.nproc_per_node < 1:
+        raise UsageError("--nproc-per-node must be at least 1")
+    if args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        return relaunch_under_torchrun(args)
+    from node.local_training import run_training
+    from node.parallel import init_distributed, shutdown_distributed
+
+    env = init_distributed()
+    try:
+        run_training(
+            data=args.data,
+            model_config=model_config,
+            train_config=train_config,
+            out_dir=args.out,
+            tokenizer_path=args.tokenizer,
+            resume=args.resume,
+            env=env,
+        )
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def relaunch_under_torchrun(args: argparse.Namespace) -> int:
+    """Pack the data once here, then start N ranks of this same command under torchrun."""
+    from node.local_training import cache_dir, open_tokenizer
+    from node.shards import prepare_data
+
+    _, report = prepare_data(args.data, open_tokenizer(args.tokenizer), cache_dir())
+    if report is not None:
+        print(f"data: {report.summary()}")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={args.nproc_per_node}", "-m", "fedpt", *sys.argv[1:],
+    ]  # fmt: skip
+    return subprocess.call(cmd)
+
+
+# ---- eval / generate --------------------------------------------------------------------------
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity of a checkpoint on a corpus")
+    p.add_argument(
+        "--checkpoint", required=True, help="weights file, checkpoint folder or run folder"
+    )
+    p.add_argument("--data", required=True)
+    p.add_argument("--tokenizer", help="BPE tokenizer JSON (default: found beside the checkpoint)")
+    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=1000)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from node.local_training import run_eval
+
+    if (
+        args.batch_size < 1
+        or args.max_batches < 1
+        or (args.seq_len is not None and args.seq_len < 1)
+    ):
+        raise UsageError("--batch-size, --max-batches and --seq-len must be positive")
+    run_eval(
+        args.checkpoint,
+        args.data,
+        tokenizer_path=args.tokenizer,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        split=args.split,
+    )
+    return 0
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--tokenizer")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from node.local_training import run_generate
+
+    if args.max_new_tokens < 0 or args.top_k < 1 or args.temperature < 0:
+        raise UsageError("--max-new-tokens must be ≥0, --top-k ≥1 and --temperature ≥0")
+    text = run_generate(
+        args.checkpoint,
+        args.prompt,
+        tokenizer_path=args.tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    print(text)
+    return 0
+
+
+# ---- tokenizer / data -------------------------------------------------------------------------
+def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train a BPE tokenizer")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=OneLineParser)
+    t = tsub.add_parser("train", help="train a byte-level BPE on a corpus")
+    t.add_argument("--data", required=True)
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--out", required=True, type=Path, help="tokenizer JSON to write")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from model.tokenizer import train_bpe
+    from node.corpus import DataError, IngestReport, iter_documents, resolve_files
+
+    report = IngestReport()
+    files = resolve_files(args.data, report)
+    tok = train_bpe(iter_documents(files, report), args.vocab_size, args.out)
+    if report.documents == 0:
+        raise DataError(f"no documents found in {args.data}: {report.summary()}")
+    print(f"data: {report.summary()}")
+    print(f"tokenizer: {args.out} | vocab {tok.vocab_size} | sha256 {tok.sha256}")
+    return 0
+
+
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="prepare token shards; list the built-in organisations")
+    dsub = p.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
+    prep = dsub.add_parser("prepare", help="pack a corpus into train/val token shards")
+    prep.add_argument("--data", required=True)
+    prep.add_argument("--out", required=True, type=Path)
+    prep.add_argument("--tokenizer")
+    prep.add_argument("--val-fraction", type=float, default=0.05)
+    prep.set_defaults(func=cmd_data_prepare)
+    orgs = dsub.add_parser("orgs", help="list the organisations of the built-in corpus")
+    orgs.set_defaults(func=cmd_data_orgs)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from node.corpus import DataError, IngestReport, iter_documents, resolve_files
+    from node.local_training import open_tokenizer
+    from node.shards import pack_shards
+
+    if not 0 <= args.val_fraction < 1:
+        raise UsageError("--val-fraction must be in [0, 1)")
+    if (args.out / "train").exists():
+        raise UsageError(f"{args.out} already holds shards; choose another --out")
+    report = IngestReport()
+    files = resolve_files(args.data, report)
+    manifests = pack_shards(
+        iter_documents(files, report),
+        open_tokenizer(args.tokenizer),
+        args.out,
+        val_fraction=args.val_fraction,
+        source=args.data,
+    )
+    if report.documents == 0:
+        raise DataError(f"no documents found in {args.data}: {report.summary()}")
+    print(f"data: {report.summary()}")
+    for issue in report.errors:
+        print(f"data: skipped {issue.path}: {issue.reason}")
+    for split, manifest in manifests.items():
+        print(f"{split}: {manifest['documents']} documents, {manifest['tokens']:,} tokens")
+    return 0
+
+
+def cmd_data_orgs(args: argparse.Namespace) -> int:
+    from node.builtin_corpus import list_organisations, organisation_files
+
+    for org in list_organisations():
+        files = organisation_files(org)
+        size = sum(f.stat().st_size for f in files)
+        print(f"builtin:{org:<10} {len(files):>5} files {size / 1e6:>7.2f} MB")
+    return 0
+
+
+# ---- entry point ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="fedpt", description="Federated generative pretraining.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for add in (
+        add_train_parser,
+        add_eval_parser,
+        add_generate_parser,
+        add_tokenizer_parser,
+        add_data_parser,
+    ):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UsageError as e:
+        print(f"fedpt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedpt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"fedpt: error: {e}", file=sys.stderr)
+            return 2
+        raise

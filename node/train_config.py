@@ -1,0 +1,92 @@
+"""`TrainConfig`: everything about the inner loop that is not the model's shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+class TrainConfigError(ValueError):
+    """A training option is out of range or unknown."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    micro_batch_size: int = 8  # sequences per rank per forward pass
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    activation_checkpointing: bool = False
+    parallel: str = "ddp"  # how several ranks share the work: ddp | fsdp (FSDP2)
+    eval_every: int = 0  # steps between validation passes; 0: only at the end
+    eval_batches: int = 16
+    checkpoint_every: int = 0  # steps between resumable checkpoints; 0: only at the end
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        positive = (
+            "steps",
+            "micro_batch_size",
+            "grad_accum",
+            "seq_len",
+            "eval_batches",
+            "log_every",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise TrainConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise TrainConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise TrainConfigError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TrainConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.precision not in PRECISIONS:
+            raise TrainConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise TrainConfigError(
+                f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}"
+            )
+
+    def tokens_per_step(self, world_size: int) -> int:
+        return self.micro_batch_size * self.grad_accum * world_size * self.seq_len
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainConfigError(f"unknown train config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `cfg.steps`.
+
+    `step` is the 0-based index of the optimizer step about to be taken.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
