@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from node.parallel import DistEnv, all_reduce_mean, autocast
+from node.parallel import DistEnv, autocast
 from node.shards import TokenShards, get_batch
 
 
@@ -20,22 +21,23 @@ def mean_loss(
     env: DistEnv,
     amp_dtype: torch.dtype | None = None,
 ) -> float | None:
-    """Mean loss over up to `max_batches` global batches of consecutive windows, split across
-    ranks; None when the split holds less than one sequence per rank. Every rank calls it."""
-    windows = data.num_windows(seq_len)
-    per_rank = min(batch_size, windows // env.world_size)
+    """Mean loss over the first min(all, max_batches·batch_size) windows of `data`, split
+    evenly across ranks so the figure does not depend on the number of ranks; None when there
+    is not one window per rank. Every rank calls it (FSDP forwards are collective)."""
+    per_rank = min(data.num_windows(seq_len), max_batches * batch_size) // env.world_size
     if per_rank == 0:
         return None
-    per_batch = per_rank * env.world_size
-    batches = min(max_batches, windows // per_batch)
+    first = env.rank * per_rank
     was_training = module.training
     module.eval()
-    total = torch.zeros((), device=env.device)
-    for b in range(batches):
-        start = b * per_batch + env.rank * per_rank
-        x, y = get_batch(data, np.arange(start, start + per_rank), seq_len)
+    total = torch.zeros((), device=env.device, dtype=torch.float64)
+    for start in range(first, first + per_rank, batch_size):
+        ids = np.arange(start, min(start + batch_size, first + per_rank))
+        x, y = get_batch(data, ids, seq_len)
         with autocast(env.device, amp_dtype):
             _, loss = module(x.to(env.device), y.to(env.device))
-        total += loss.float()
+        total += loss.double() * len(ids)  # the loss is a mean over this batch's sequences
     module.train(was_training)
-    return float(all_reduce_mean(total / batches, env))
+    if env.distributed:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total) / (per_rank * env.world_size)

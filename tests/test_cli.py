@@ -1,0 +1,167 @@
+"""The `fedpt` command, run as real processes: multi-rank equivalence, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.io import load_tensors
+
+SMALL_RUN = ["--preset", "tiny", "--seq-len", "64", "--micro-batch-size", "4", "--log-every", "1",
+             "--warmup-steps", "2", "--eval-batches", "4"]  # fmt: skip
+
+
+def fedpt(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedpt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"fedpt {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def step_losses(run: Path) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["event"] == "train"]
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, _ = load_tensors(a / "model.safetensors")
+    wb, _ = load_tensors(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_ranks_match_one_rank_with_doubled_accumulation(
+    corpus_dir: Path, tmp_path: Path, mode: str
+) -> None:
+    two = tmp_path / "two"
+    one = tmp_path / "one"
+    fedpt("train", "--data", corpus_dir, "--out", two, "--steps", "6", "--nproc-per-node", "2",
+          "--parallel", mode, *SMALL_RUN)  # fmt: skip
+    fedpt(
+        "train", "--data", corpus_dir, "--out", one, "--steps", "6", "--grad-accum", "2", *SMALL_RUN
+    )
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+    losses_two, losses_one = step_losses(two), step_losses(one)
+    assert len(losses_two) == len(losses_one) == 6
+    assert losses_two == pytest.approx(losses_one, abs=1e-5)
+    assert_same_weights(two, one, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_in_a_new_process_is_exact(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    full = tmp_path / "full"
+    fedpt(
+        "train",
+        "--data",
+        corpus_dir,
+        "--out",
+        full,
+        "--steps",
+        "8",
+        "--checkpoint-every",
+        "4",
+        *SMALL_RUN,
+    )
+    # A run that stopped right after its step-4 checkpoint.
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_00000004", cut / "checkpoints" / "step_00000004")
+    (cut / "checkpoints" / "latest").write_text("step_00000004\n")
+    proc = fedpt("train", "--data", corpus_dir, "--out", cut, "--steps", "8", "--checkpoint-every", "4",
+                 "--resume", *SMALL_RUN)  # fmt: skip
+    assert "resumed from" in proc.stdout
+    assert step_losses(cut) == step_losses(full)[4:]
+    assert_same_weights(cut, full, atol=0)
+
+
+def test_train_eval_generate_with_a_bpe_tokenizer(corpus_dir: Path, tmp_path: Path) -> None:
+    tok = tmp_path / "tok.json"
+    out = fedpt(
+        "tokenizer", "train", "--data", corpus_dir, "--vocab-size", "300", "--out", tok
+    ).stdout
+    assert "sha256" in out
+    run = tmp_path / "run"
+    fedpt(
+        "train", "--data", corpus_dir, "--out", run, "--steps", "3", "--tokenizer", tok, *SMALL_RUN
+    )
+    assert (run / "tokenizer.json").read_bytes() == tok.read_bytes()
+    ev = fedpt("eval", "--checkpoint", run, "--data", corpus_dir, "--seq-len", "64").stdout
+    assert "perplexity" in ev
+    gen = fedpt(
+        "generate", "--checkpoint", run, "--prompt", "the model", "--max-new-tokens", "5"
+    ).stdout
+    assert gen.startswith("the model")
+
+
+def test_data_prepare_and_orgs(corpus_dir: Path, tmp_path: Path) -> None:
+    out = fedpt("data", "prepare", "--data", corpus_dir, "--out", tmp_path / "shards").stdout
+    assert "train:" in out and "val:" in out
+    assert (tmp_path / "shards" / "train" / "manifest.json").is_file()
+    orgs = fedpt("data", "orgs").stdout
+    for org in ("web", "systems", "apps", "core", "docs"):
+        assert f"builtin:{org}" in orgs
+
+
+BAD_COMMANDS = [
+    (["train", "--out", "X"], "required"),
+    (["train", "--data", "/no/such/folder", "--out", "OUT", "--steps", "1"], "/no/such/folder"),
+    (["train", "--data", "CORPUS", "--out", "OUT", "--preset", "huge"], "unknown preset"),
+    (["train", "--data", "CORPUS", "--out", "OUT", "--steps", "0"], "steps must be positive"),
+    (["train", "--data", "CORPUS", "--out", "OUT", "--steps", "x"], "invalid int"),
+    (
+        ["train", "--data", "CORPUS", "--out", "OUT", "--config", "BADCONFIG"],
+        "unknown train config keys: bogus",
+    ),
+    (["train", "--data", "builtin:nowhere", "--out", "OUT"], "nowhere"),
+    (["eval", "--checkpoint", "/no/such/run", "--data", "CORPUS"], "no weights found"),
+    (["generate", "--checkpoint", "GARBAGE", "--prompt", "hi"], "cannot read weights"),
+    (["frobnicate"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_COMMANDS)
+def test_bad_input_is_one_clear_line(
+    corpus_dir: Path, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    (tmp_path / "bad.toml").write_text("[train]\nbogus = 1\n")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    subst = {"CORPUS": str(corpus_dir), "OUT": str(tmp_path / "out"), "BADCONFIG": str(tmp_path / "bad.toml"),
+             "GARBAGE": str(tmp_path / "garbage.safetensors")}  # fmt: skip
+    proc = fedpt(*[subst.get(a, a) for a in argv], check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedpt: error:"), proc.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_an_existing_run_is_not_overwritten(corpus_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    fedpt("train", "--data", corpus_dir, "--out", run, "--steps", "2", *SMALL_RUN)
+    before = (run / "model.safetensors").read_bytes()
+    proc = fedpt(
+        "train", "--data", corpus_dir, "--out", run, "--steps", "2", *SMALL_RUN, check=False
+    )
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    assert (run / "model.safetensors").read_bytes() == before

@@ -1,0 +1,135 @@
+"""Inner trainer: learning, exact resume, schedule, activation checkpointing, eval."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.tokenizer import ByteTokenizer
+from node.shards import TokenShards, pack_shards
+from node.train_config import TrainConfig, TrainConfigError, lr_at
+from node.trainer import Trainer, TrainingError
+
+MODEL = ModelConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=160, max_seq_len=64)
+QUIET = {"log": lambda _msg: None}
+
+
+def make_trainer(shards: TokenShards, tmp_path: Path | None = None, **train) -> Trainer:
+    cfg = TrainConfig(
+        **{"steps": 20, "micro_batch_size": 4, "seq_len": 32, "warmup_steps": 2, **train}
+    )
+    return Trainer(
+        MODEL, cfg, shards, tokenizer_spec=ByteTokenizer().spec(), out_dir=tmp_path, **QUIET
+    )
+
+
+def test_tiny_model_overfits_one_batch(tmp_path: Path) -> None:
+    # Exactly one micro-batch of windows: every step sees the same 4 sequences.
+    text = "fedpt trains language models across organisations without moving data. " * 8
+    pack_shards([text[: 4 * 32 + 10]], ByteTokenizer(), tmp_path / "one", val_fraction=0.0)
+    one_batch = TokenShards(tmp_path / "one" / "train")
+    assert one_batch.num_windows(32) == 4
+    trainer = make_trainer(one_batch, steps=150, lr=1e-2, min_lr_ratio=1.0, log_every=50)
+    losses = trainer.train(150)
+    assert losses[-1] < 0.1 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_resume_reproduces_the_uninterrupted_loss_sequence_exactly(shards, tmp_path: Path) -> None:
+    train, _ = shards
+    settings = {"steps": 12, "grad_accum": 2, "log_every": 1}
+    uninterrupted = make_trainer(train, tmp_path / "a", **settings)
+    expected = uninterrupted.train(12)
+
+    first = make_trainer(train, tmp_path / "b", **settings)
+    head = first.train(5)
+    checkpoint = first.save_checkpoint()
+    first.close()
+    torch.manual_seed(1234)  # the resumed run must not depend on the process's RNG state
+    second = make_trainer(train, tmp_path / "b", **settings)
+    second.load_checkpoint(checkpoint)
+    assert second.step == 5
+    tail = second.train(7)
+
+    assert head + tail == expected  # bit-for-bit, not approximately
+    for (name, a), b in zip(
+        uninterrupted.model.state_dict().items(), second.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_a_changed_schedule(shards, tmp_path: Path) -> None:
+    train, _ = shards
+    trainer = make_trainer(train, tmp_path, steps=4)
+    trainer.train(2)
+    checkpoint = trainer.save_checkpoint()
+    changed = make_trainer(train, tmp_path, steps=4, lr=1e-4)
+    with pytest.raises(TrainingError, match="lr"):
+        changed.load_checkpoint(checkpoint)
+
+
+def test_training_lowers_validation_loss(shards) -> None:
+    train, val = shards
+    trainer = make_trainer(train, steps=40, log_every=40)
+    trainer.val_data = val
+    before = trainer.evaluate()
+    trainer.train(40)
+    after = trainer.evaluate()
+    assert after < before - 0.5
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(shards) -> None:
+    train, _ = shards
+    plain = make_trainer(train, steps=3, log_every=1).train(3)
+    checkpointed = make_trainer(train, steps=3, log_every=1, activation_checkpointing=True).train(3)
+    assert checkpointed == pytest.approx(plain, abs=1e-6)
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    cfg = TrainConfig(steps=110, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(500, cfg) == pytest.approx(0.1)
+
+
+def test_diverged_loss_is_a_clear_error(shards) -> None:
+    train, _ = shards
+    trainer = make_trainer(train, steps=5, log_every=1, lr=1e6, warmup_steps=0, grad_clip=0)
+    with pytest.raises(TrainingError, match="loss became"):
+        trainer.train(5)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"steps": 0},
+        {"lr": -1.0},
+        {"lr": math.nan},
+        {"precision": "fp8"},
+        {"parallel": "tp"},
+        {"min_lr_ratio": 2.0},
+    ],
+)
+def test_bad_train_config_is_refused(bad: dict) -> None:
+    with pytest.raises(TrainConfigError):
+        TrainConfig(**bad)
+
+
+def test_seq_len_longer_than_the_model_is_refused(shards) -> None:
+    train, _ = shards
+    with pytest.raises(TrainingError, match="max_seq_len"):
+        make_trainer(train, seq_len=128)
+
+
+def test_evaluation_without_enough_validation_tokens_is_none(shards, tmp_path: Path) -> None:
+    train, _ = shards
+    pack_shards(["tiny"], ByteTokenizer(), tmp_path / "short", val_fraction=0.0)
+    short = TokenShards(tmp_path / "short" / "train")
+    assert short.num_windows(32) == 0
+    assert make_trainer(train).evaluate(short) is None
