@@ -125,6 +125,8 @@ class Trainer:
         self.peak_flops = peak_flops(self.env.device)
         self.step = 0
         self.tokens_seen = 0
+        self.last_log: StepLog | None = None
+        self.last_eval: tuple[int, float] | None = None  # (step, validation loss)
 
     # ---- data ---------------------------------------------------------------------------------
     @property
@@ -249,8 +251,12 @@ class Trainer:
         )
 
     def evaluate_and_log(self) -> float | None:
+        """Validation loss at the current step, logged once (a repeated call reuses it)."""
+        if self.last_eval is not None and self.last_eval[0] == self.step:
+            return self.last_eval[1]
         loss = self.evaluate()
         if loss is not None:
+            self.last_eval = (self.step, loss)
             self.metrics.write({"event": "eval", "step": self.step, "val_loss": loss})
             self._log(
                 f"step {self.step:>6} | val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f}"

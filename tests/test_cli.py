@@ -66,30 +66,23 @@ def test_two_gloo_ranks_match_one_rank_with_doubled_accumulation(
     assert_same_weights(two, one, atol=1e-5)
 
 
+RANKS = {"1-rank": [], "fsdp-2-ranks": ["--nproc-per-node", "2", "--parallel", "fsdp"]}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("ranks", RANKS.values(), ids=RANKS.keys())
 def test_resume_from_a_checkpoint_in_a_new_process_is_exact(
-    corpus_dir: Path, tmp_path: Path
+    corpus_dir: Path, tmp_path: Path, ranks: list[str]
 ) -> None:
+    run = ["--data", corpus_dir, "--steps", "8", "--checkpoint-every", "4", *ranks, *SMALL_RUN]
     full = tmp_path / "full"
-    fedpt(
-        "train",
-        "--data",
-        corpus_dir,
-        "--out",
-        full,
-        "--steps",
-        "8",
-        "--checkpoint-every",
-        "4",
-        *SMALL_RUN,
-    )
+    fedpt("train", "--out", full, *run)
     # A run that stopped right after its step-4 checkpoint.
     cut = tmp_path / "cut"
     (cut / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step_00000004", cut / "checkpoints" / "step_00000004")
     (cut / "checkpoints" / "latest").write_text("step_00000004\n")
-    proc = fedpt("train", "--data", corpus_dir, "--out", cut, "--steps", "8", "--checkpoint-every", "4",
-                 "--resume", *SMALL_RUN)  # fmt: skip
+    proc = fedpt("train", "--out", cut, "--resume", *run)
     assert "resumed from" in proc.stdout
     assert step_losses(cut) == step_losses(full)[4:]
     assert_same_weights(cut, full, atol=0)

@@ -88,6 +88,14 @@ def test_activation_checkpointing_changes_nothing_but_memory(shards) -> None:
     assert checkpointed == pytest.approx(plain, abs=1e-6)
 
 
+@pytest.mark.slow
+def test_torch_compile_matches_eager(shards) -> None:
+    train, _ = shards
+    eager = make_trainer(train, steps=3, log_every=1).train(3)
+    compiled = make_trainer(train, steps=3, log_every=1, compile=True).train(3)
+    assert compiled == pytest.approx(eager, abs=1e-4)
+
+
 def test_lr_schedule_warmup_then_cosine() -> None:
     cfg = TrainConfig(steps=110, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1)
