@@ -25,7 +25,9 @@ MODEL = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, m
 def test_bf16_autocast_training_on_cuda_learns(shards) -> None:
     train, _ = shards
     cfg = TrainConfig(steps=30, micro_batch_size=8, seq_len=128, warmup_steps=3, log_every=30)
-    trainer = Trainer(MODEL, cfg, train, env=DistEnv(device=torch.device("cuda", 0)), log=lambda _m: None)
+    trainer = Trainer(
+        MODEL, cfg, train, env=DistEnv(device=torch.device("cuda", 0)), log=lambda _m: None
+    )
     assert trainer.amp_dtype is torch.bfloat16
     assert next(trainer.model.parameters()).dtype is torch.float32  # fp32 master weights
     losses = trainer.train(30)
