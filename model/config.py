@@ -9,11 +9,43 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A model configuration is inconsistent or names an unknown preset."""
+
+
+def dataclass_from_dict(cls: type[T], data: dict, what: str, error: type[Exception]) -> T:
+    """Build the config dataclass `cls` from untrusted `data` (a TOML table, a JSON message):
+    unknown keys and values of the wrong type raise `error` naming the key, instead of
+    surfacing later as a TypeError deep inside the program."""
+    fields = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise error(f"unknown {what} keys: {', '.join(unknown)}")
+    values = {}
+    for key, value in data.items():
+        allowed = typing.get_args(fields[key]) or (fields[key],)  # `int | None` -> (int, None)
+        if value is None and type(None) in allowed:
+            values[key] = None
+        elif isinstance(value, bool) != (bool in allowed):  # bool is an int subclass: no mixing
+            raise error(f"{what} key {key!r} must be {_type_names(allowed)}, got {value!r}")
+        elif float in allowed and isinstance(value, int | float):
+            values[key] = float(value)
+        elif any(isinstance(value, t) for t in allowed if isinstance(t, type)):
+            values[key] = value
+        else:
+            raise error(f"{what} key {key!r} must be {_type_names(allowed)}, got {value!r}")
+    return cls(**values)
+
+
+def _type_names(types: tuple) -> str:
+    return " or ".join("none" if t is type(None) else t.__name__ for t in types)
 
 
 @dataclass(frozen=True)
@@ -78,11 +110,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "model config", ConfigError)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from model.config import dataclass_from_dict
+
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL_MODES = ("ddp", "fsdp")
 
@@ -72,11 +74,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainConfigError(f"unknown train config keys: {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "train config", TrainConfigError)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

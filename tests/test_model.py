@@ -47,6 +47,14 @@ def test_unknown_preset_and_bad_config_are_clear_errors() -> None:
         ModelConfig(dim=100, n_heads=3)
     with pytest.raises(ConfigError, match="unknown model config keys: bogus"):
         ModelConfig.from_dict({**ModelConfig().to_dict(), "bogus": 1})
+    with pytest.raises(ConfigError, match="'dim' must be int, got '128'"):
+        ModelConfig.from_dict({"dim": "128"})
+    with pytest.raises(ConfigError, match="'tie_embeddings' must be bool"):
+        ModelConfig.from_dict({"tie_embeddings": 1})
+    with pytest.raises(ConfigError, match="'n_kv_heads' must be int or none"):
+        ModelConfig.from_dict({"n_kv_heads": 2.5})
+    assert ModelConfig.from_dict({"rope_theta": 500000}).rope_theta == 500000.0
+    assert ModelConfig.from_dict({"n_kv_heads": None, "n_heads": 4}).kv_heads == 4
 
 
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 2), (8, 1)])

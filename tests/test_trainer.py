@@ -129,6 +129,14 @@ def test_bad_train_config_is_refused(bad: dict) -> None:
         TrainConfig(**bad)
 
 
+def test_train_config_from_untrusted_dict() -> None:
+    with pytest.raises(TrainConfigError, match="unknown train config keys: bogus"):
+        TrainConfig.from_dict({"bogus": 1})
+    with pytest.raises(TrainConfigError, match="'lr' must be float, got 'fast'"):
+        TrainConfig.from_dict({"lr": "fast"})
+    assert TrainConfig.from_dict({"lr": 1}).lr == 1.0
+
+
 def test_seq_len_longer_than_the_model_is_refused(shards) -> None:
     train, _ = shards
     with pytest.raises(TrainingError, match="max_seq_len"):
