@@ -1,0 +1,208 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Capabilities(_message.Message):
+    __slots__ = ("num_devices", "device_kind", "fedpt_version")
+    NUM_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    FEDPT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    num_devices: int
+    device_kind: str
+    fedpt_version: str
+    def __init__(self, num_devices: _Optional[int] = ..., device_kind: _Optional[str] = ..., fedpt_version: _Optional[str] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("organisation", "capabilities")
+    ORGANISATION_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    organisation: str
+    capabilities: Capabilities
+    def __init__(self, organisation: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
+
+class RoundPolicy(_message.Message):
+    __slots__ = ("min_nodes", "max_nodes", "round_timeout_seconds")
+    MIN_NODES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NODES_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    min_nodes: int
+    max_nodes: int
+    round_timeout_seconds: float
+    def __init__(self, min_nodes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class FederationSpec(_message.Message):
+    __slots__ = ("federation_id", "name", "model_config_json", "tokenizer_json", "train_config_json", "inner_steps", "round_policy", "chunk_bytes", "outer_optimizer", "total_rounds", "delta_encoding")
+    FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_POLICY_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OUTER_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    federation_id: str
+    name: str
+    model_config_json: str
+    tokenizer_json: str
+    train_config_json: str
+    inner_steps: int
+    round_policy: RoundPolicy
+    chunk_bytes: int
+    outer_optimizer: str
+    total_rounds: int
+    delta_encoding: str
+    def __init__(self, federation_id: _Optional[str] = ..., name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., inner_steps: _Optional[int] = ..., round_policy: _Optional[_Union[RoundPolicy, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., outer_optimizer: _Optional[str] = ..., total_rounds: _Optional[int] = ..., delta_encoding: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("node_id", "session_token", "spec")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    session_token: str
+    spec: FederationSpec
+    def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ..., spec: _Optional[_Union[FederationSpec, _Mapping]] = ...) -> None: ...
+
+class TaskRequest(_message.Message):
+    __slots__ = ("wait_seconds",)
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    wait_seconds: float
+    def __init__(self, wait_seconds: _Optional[float] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("kind", "round", "model_version", "deadline_unix", "retry_after_seconds", "message")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[Task.Kind]
+        WAIT: _ClassVar[Task.Kind]
+        TRAIN: _ClassVar[Task.Kind]
+        STOP: _ClassVar[Task.Kind]
+        SECAGG_ADVERTISE_KEYS: _ClassVar[Task.Kind]
+        SECAGG_SHARE_KEYS: _ClassVar[Task.Kind]
+        SECAGG_UNMASK: _ClassVar[Task.Kind]
+    KIND_UNSPECIFIED: Task.Kind
+    WAIT: Task.Kind
+    TRAIN: Task.Kind
+    STOP: Task.Kind
+    SECAGG_ADVERTISE_KEYS: Task.Kind
+    SECAGG_SHARE_KEYS: Task.Kind
+    SECAGG_UNMASK: Task.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    kind: Task.Kind
+    round: int
+    model_version: int
+    deadline_unix: float
+    retry_after_seconds: float
+    message: str
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., retry_after_seconds: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class TensorEntry(_message.Message):
+    __slots__ = ("name", "shape", "dtype", "offset", "nbytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    offset: int
+    nbytes: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class TensorManifest(_message.Message):
+    __slots__ = ("tensors", "chunk_bytes", "total_bytes", "chunk_sha256", "sha256")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
+    chunk_bytes: int
+    total_bytes: int
+    chunk_sha256: _containers.RepeatedScalarFieldContainer[bytes]
+    sha256: bytes
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., chunk_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[bytes]] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("index", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("model_version", "first_chunk")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    first_chunk: int
+    def __init__(self, model_version: _Optional[int] = ..., first_chunk: _Optional[int] = ...) -> None: ...
+
+class ModelStreamMessage(_message.Message):
+    __slots__ = ("manifest", "chunk")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    manifest: TensorManifest
+    chunk: Chunk
+    def __init__(self, manifest: _Optional[_Union[TensorManifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("round", "base_version", "manifest", "num_tokens", "train_loss", "first_chunk")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    base_version: int
+    manifest: TensorManifest
+    num_tokens: int
+    train_loss: float
+    first_chunk: int
+    def __init__(self, round: _Optional[int] = ..., base_version: _Optional[int] = ..., manifest: _Optional[_Union[TensorManifest, _Mapping]] = ..., num_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., first_chunk: _Optional[int] = ...) -> None: ...
+
+class UpdateMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class PushReply(_message.Message):
+    __slots__ = ("chunks_received", "complete")
+    CHUNKS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    chunks_received: int
+    complete: bool
+    def __init__(self, chunks_received: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class UploadStatusRequest(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class UploadStatus(_message.Message):
+    __slots__ = ("chunks_received", "complete")
+    CHUNKS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    chunks_received: int
+    complete: bool
+    def __init__(self, chunks_received: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
