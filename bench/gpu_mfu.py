@@ -25,9 +25,9 @@ import torch
 from bench.common import median, print_table, random_shards
 from model import attention
 from model.config import preset
+from model.train_config import TrainConfig
 from node.metrics import peak_flops
 from node.parallel import DistEnv
-from node.train_config import TrainConfig
 from node.trainer import Trainer
 
 MICRO_BATCH = {"125m": 16, "350m": 8, "1b": 4, "7b": 1}

@@ -20,7 +20,7 @@ import torch
 from bench.common import median, print_table, random_shards
 from model.config import preset
 from model.gpt import GPT
-from node.train_config import TrainConfig
+from model.train_config import TrainConfig
 from node.trainer import Trainer
 
 

@@ -29,8 +29,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from model.train_config import TrainConfigError
     from node.corpus import DataError
-    from node.train_config import TrainConfigError
     from node.trainer import TrainingError
 
     return (*USER_ERRORS, UsageError, DataError, TrainConfigError, TrainingError)
@@ -92,7 +92,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def load_train_configs(args: argparse.Namespace) -> tuple[ModelConfig, object]:
-    from node.train_config import TrainConfig
+    from model.train_config import TrainConfig
 
     model_table: dict = {}
     train_table: dict = {}

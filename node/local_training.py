@@ -24,12 +24,12 @@ import torch
 from model.config import ModelConfig
 from model.io import CheckpointError, load_model, save_tensors_atomic, weights_metadata
 from model.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from model.train_config import TrainConfig
 from node.checkpoint import full_model_state, latest_checkpoint
 from node.corpus import DataError
 from node.evaluation import mean_loss
 from node.parallel import DistEnv, barrier
 from node.shards import TokenShards, prepare_data
-from node.train_config import TrainConfig
 from node.trainer import Trainer, TrainingError
 
 WEIGHTS_NAME = "model.safetensors"

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from node.train_config import TrainConfig
+from model.train_config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import torch
 from model.config import ModelConfig
 from model.gpt import GPT
 from model.io import weights_metadata
+from model.train_config import TrainConfig
 from node.checkpoint import load_checkpoint, save_checkpoint
 from node.evaluation import mean_loss
 from node.metrics import MetricsLog, mfu, peak_flops
@@ -35,8 +36,8 @@ from node.parallel import (
     gradient_sync,
     parallelize,
 )
+from node.schedule import lr_at
 from node.shards import BatchSampler, TokenShards, get_batch
-from node.train_config import TrainConfig, lr_at
 
 # Changing these between a checkpoint and its resumption would change the loss sequence.
 RESUME_MUST_MATCH = (

@@ -11,7 +11,7 @@ from model import attention
 from model.config import ModelConfig
 from model.gpt import GPT
 from node.parallel import DistEnv
-from node.train_config import TrainConfig
+from model.train_config import TrainConfig
 from node.trainer import Trainer
 
 pytestmark = [

@@ -10,8 +10,9 @@ import torch
 
 from model.config import ModelConfig
 from model.tokenizer import ByteTokenizer
+from model.train_config import TrainConfig, TrainConfigError
+from node.schedule import lr_at
 from node.shards import TokenShards, pack_shards
-from node.train_config import TrainConfig, TrainConfigError, lr_at
 from node.trainer import Trainer, TrainingError
 
 MODEL = ModelConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=160, max_seq_len=64)

@@ -1,4 +1,7 @@
-"""`TrainConfig`: everything about the inner loop that is not the model's shape."""
+"""`TrainConfig`: everything about the inner loop that is not the model's shape.
+
+It lives in model/ beside ModelConfig because both sides use it: the aggregator checks it and
+sends it to every node in the federation spec; the node trains with it."""
 
 from __future__ import annotations
 
@@ -75,16 +78,3 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         return dataclass_from_dict(cls, data, "train config", TrainConfigError)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `cfg.steps`.
-
-    `step` is the 0-based index of the optimizer step about to be taken.
-    """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
