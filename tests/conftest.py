@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +52,31 @@ def corpus_dir(tmp_path: Path) -> Path:
 def shards(tmp_path: Path) -> tuple[TokenShards, TokenShards]:
     pack_shards(synthetic_documents(60), ByteTokenizer(), tmp_path / "shards", val_fraction=0.1)
     return TokenShards(tmp_path / "shards" / "train"), TokenShards(tmp_path / "shards" / "val")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new PostgreSQL database on the server named
+    by FEDPT_TEST_POSTGRES_URL (.ci/run starts one). Without that variable the PostgreSQL
+    cases skip locally and fail under CI, so CI can never pass without really testing it."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fedpt.db'}"
+        return
+    admin_url = os.environ.get("FEDPT_TEST_POSTGRES_URL")
+    if not admin_url:
+        if os.environ.get("CI"):
+            pytest.fail("FEDPT_TEST_POSTGRES_URL is not set under CI")
+        pytest.skip("FEDPT_TEST_POSTGRES_URL not set (bash scripts/start_postgres.sh prints one)")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"fedpt_t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
