@@ -29,11 +29,15 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from aggregator.config import AggregatorConfigError
+    from aggregator.rounds import RecoveryError
+    from aggregator.store import StoreError
     from model.train_config import TrainConfigError
     from node.corpus import DataError
     from node.trainer import TrainingError
 
-    return (*USER_ERRORS, UsageError, DataError, TrainConfigError, TrainingError)
+    return (*USER_ERRORS, UsageError, DataError, TrainConfigError, TrainingError,
+            AggregatorConfigError, RecoveryError, StoreError, OSError)  # fmt: skip
 
 
 # ---- train ------------------------------------------------------------------------------------
@@ -299,6 +303,57 @@ def cmd_data_orgs(args: argparse.Namespace) -> int:
         files = organisation_files(org)
         size = sum(f.stat().st_size for f in files)
         print(f"builtin:{org:<10} {len(files):>5} files {size / 1e6:>7.2f} MB")
+    return 0
+
+
+# ---- aggregator ------------------------------------------------------------------------------
+# flag -> (config section, key, type)
+AGGREGATOR_FLAGS = {
+    "host": ("server", "host", str),
+    "port": ("server", "port", int),
+    "state_dir": ("store", "state_dir", str),
+    "database_url": ("store", "database_url", str),
+    "name": ("federation", "name", str),
+    "rounds": ("federation", "rounds", int),
+    "inner_steps": ("federation", "inner_steps", int),
+    "min_nodes": ("round", "min_nodes", int),
+    "max_nodes": ("round", "max_nodes", int),
+    "round_timeout": ("round", "timeout_seconds", float),
+    "outer": ("outer", "name", str),
+    "outer_lr": ("outer", "lr", float),
+}
+
+
+def add_aggregator_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("aggregator", help="run the federation's aggregator service")
+    asub = p.add_subparsers(dest="aggregator_command", required=True, parser_class=OneLineParser)
+    serve = asub.add_parser("serve", help="serve a federation over gRPC until it finishes")
+    serve.add_argument(
+        "--config", type=Path, help="aggregator.toml (see README); flags override it"
+    )
+    serve.add_argument("--preset", help="model preset (overrides [model] preset)")
+    for flag, (_, _, kind) in AGGREGATOR_FLAGS.items():
+        serve.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None)
+    serve.set_defaults(func=cmd_aggregator_serve)
+
+
+def aggregator_config_from_args(args: argparse.Namespace):
+    from aggregator.config import load_config
+
+    overrides: dict[str, dict] = {}
+    for flag, (section, key, _) in AGGREGATOR_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    if args.preset:
+        overrides.setdefault("model", {})["preset"] = args.preset
+    return load_config(args.config, overrides)
+
+
+def cmd_aggregator_serve(args: argparse.Namespace) -> int:
+    from aggregator.server import serve_forever
+
+    serve_forever(aggregator_config_from_args(args))
     return 0
 
 

@@ -10,8 +10,8 @@ import torch
 from model import attention
 from model.config import ModelConfig
 from model.gpt import GPT
-from node.parallel import DistEnv
 from model.train_config import TrainConfig
+from node.parallel import DistEnv
 from node.trainer import Trainer
 
 pytestmark = [

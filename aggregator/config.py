@@ -1,0 +1,172 @@
+"""`aggregator.toml`: typed sections, unknown keys are an error, flags override.
+
+[server]      where and how the gRPC service listens
+[federation]  what is trained: name, rounds, H inner steps, seed, delta encoding
+[model]       preset = "tiny" plus any ModelConfig field
+[train]       the nodes' inner-loop TrainConfig fields (sent to every node at Join)
+[round]       quorum, participants per round, deadline
+[outer]       outer optimizer: name = "fedavg" | "nesterov" | "adam", lr, momentum, betas, eps
+[store]       state folder (checkpoints, uploads) and database URL
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aggregator.outer import OuterConfig, OuterConfigError
+from model.config import ConfigError, ModelConfig, dataclass_from_dict, preset
+from model.train_config import TrainConfig, TrainConfigError
+
+
+class AggregatorConfigError(ValueError):
+    """aggregator.toml or a flag is invalid; the message names the section and key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 7450
+    max_workers: int = 64  # gRPC handler threads: long polls each hold one
+    long_poll_seconds: float = 10.0  # upper bound on how long GetTask holds a call
+    chunk_bytes: int = 4 << 20
+    max_message_bytes: int = 16 << 20  # larger messages are refused by gRPC itself
+    insecure: bool = True  # plain text; mutual TLS arrives with the Security milestone
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise AggregatorConfigError(f"[server] port {self.port} is not a TCP port")
+        if self.max_workers < 4:
+            raise AggregatorConfigError("[server] max_workers must be at least 4")
+        if self.long_poll_seconds <= 0:
+            raise AggregatorConfigError("[server] long_poll_seconds must be positive")
+        if self.chunk_bytes <= 0 or self.chunk_bytes % 4 or self.chunk_bytes > 64 << 20:
+            raise AggregatorConfigError(
+                "[server] chunk_bytes must be a positive multiple of 4, ≤ 64 MiB"
+            )
+        if self.max_message_bytes < self.chunk_bytes + (1 << 20):
+            raise AggregatorConfigError(
+                "[server] max_message_bytes must exceed chunk_bytes by 1 MiB"
+            )
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    name: str = "fedpt"
+    rounds: int = 10  # rounds to commit before the federation ends; 0: until stopped
+    inner_steps: int = 50  # H
+    seed: int = 0  # initial global model
+    tokenizer: str = ""  # BPE tokenizer JSON (nodes need the same file); empty: byte-level
+    delta_encoding: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 100:
+            raise AggregatorConfigError("[federation] name must be 1 to 100 characters")
+        if self.rounds < 0 or self.inner_steps <= 0:
+            raise AggregatorConfigError("[federation] rounds must be ≥ 0 and inner_steps > 0")
+        if self.delta_encoding != "fp32":
+            raise AggregatorConfigError("[federation] delta_encoding must be 'fp32' for now")
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    min_nodes: int = 2  # quorum
+    max_nodes: int = 0  # 0: every ready node takes part
+    timeout_seconds: float = 600.0  # upload deadline, from the round's start
+    start_grace_seconds: float = 1.0  # once a quorum is ready, wait this long for more nodes
+
+    def __post_init__(self) -> None:
+        if self.min_nodes < 1:
+            raise AggregatorConfigError("[round] min_nodes must be at least 1")
+        if self.max_nodes and self.max_nodes < self.min_nodes:
+            raise AggregatorConfigError("[round] max_nodes must be 0 or ≥ min_nodes")
+        if self.timeout_seconds <= 0 or self.start_grace_seconds < 0:
+            raise AggregatorConfigError(
+                "[round] timeout_seconds must be > 0, start_grace_seconds ≥ 0"
+            )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    state_dir: str = "aggregator-state"
+    database_url: str = ""  # empty: sqlite file inside state_dir
+    keep_checkpoints: int = 5  # older committed checkpoints are pruned (0: keep all)
+
+    def resolved_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{Path(self.state_dir).resolve() / 'fedpt.db'}"
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    model: ModelConfig = field(default_factory=lambda: preset("tiny"))
+    train: dict = field(default_factory=dict)  # TrainConfig fields for the nodes, checked by them
+    round: RoundConfig = field(default_factory=RoundConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+SECTIONS = ("server", "federation", "model", "train", "round", "outer", "store")
+
+
+def config_from_dict(raw: dict) -> AggregatorConfig:
+    """Build the config from parsed TOML; every error names its section and key."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise AggregatorConfigError(
+            f"unknown sections {', '.join(unknown)}; expected {', '.join(SECTIONS)}"
+        )
+    for name in SECTIONS:
+        if not isinstance(raw.get(name, {}), dict):
+            raise AggregatorConfigError(f"[{name}] must be a table")
+    try:
+        model_table = dict(raw.get("model", {}))
+        base = preset(model_table.pop("preset", "tiny"))
+        return AggregatorConfig(
+            server=_section(ServerConfig, raw, "server"),
+            federation=_section(FederationConfig, raw, "federation"),
+            model=ModelConfig.from_dict({**base.to_dict(), **model_table}),
+            train=_checked_train(dict(raw.get("train", {}))),
+            round=_section(RoundConfig, raw, "round"),
+            outer=_section(OuterConfig, raw, "outer"),
+            store=_section(StoreConfig, raw, "store"),
+        )
+    except (ConfigError, OuterConfigError) as e:
+        raise AggregatorConfigError(str(e)) from e
+
+
+def _section(cls: type, raw: dict, name: str):
+    return dataclass_from_dict(cls, dict(raw.get(name, {})), f"[{name}]", AggregatorConfigError)
+
+
+def _checked_train(table: dict) -> dict:
+    # The aggregator never trains, but a typo here would only surface on every node: check now.
+    try:
+        TrainConfig.from_dict(table)
+    except TrainConfigError as e:
+        raise AggregatorConfigError(f"[train] {e}") from e
+    return table
+
+
+def load_config(path: Path | None, overrides: dict[str, dict] | None = None) -> AggregatorConfig:
+    """Read `path` (None: all defaults) and apply `overrides` ({section: {key: value}})."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise AggregatorConfigError(f"cannot read {path}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise AggregatorConfigError(f"{path} is not valid TOML: {e}") from e
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw)
+
+
+def replace_section(config: AggregatorConfig, **sections) -> AggregatorConfig:
+    return dataclasses.replace(config, **sections)

@@ -1,0 +1,93 @@
+"""Build and run the aggregator's gRPC server: the federation service and grpc.health.v1."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from aggregator.config import AggregatorConfig
+from aggregator.rounds import Coordinator
+from aggregator.servicer import FederationServicer
+from aggregator.store import Store
+from protos import federation_pb2_grpc as pb_grpc
+
+SERVICE_NAME = "fedpt.v1.Federation"
+
+
+@dataclass
+class RunningAggregator:
+    server: grpc.Server
+    coordinator: Coordinator
+    store: Store
+    health: health.HealthServicer
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.coordinator.close()
+        self.store.close()
+
+
+def start_aggregator(
+    config: AggregatorConfig, log: Callable[[str], None] = print
+) -> RunningAggregator:
+    """Open the store, resume or create the federation, and start serving (port 0: any free)."""
+    Path(config.store.state_dir).mkdir(parents=True, exist_ok=True)
+    store = Store(config.store.resolved_url())
+    try:
+        coordinator = Coordinator(config, store, log=log)
+    except BaseException:
+        store.close()
+        raise
+    limit = config.server.max_message_bytes
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=config.server.max_workers, thread_name_prefix="grpc"
+        ),
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator, log), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+    if port == 0:
+        coordinator.close()
+        store.close()
+        raise OSError(f"cannot listen on {config.server.host}:{config.server.port}")
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log(f"aggregator listening on {config.server.host}:{port} (insecure: plain text)")
+    return RunningAggregator(server, coordinator, store, health_servicer, port)
+
+
+def serve_forever(config: AggregatorConfig, log: Callable[[str], None] = print) -> None:
+    """Serve until SIGINT/SIGTERM or until the federation has finished."""
+    running = start_aggregator(config, log)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            if running.coordinator.finished:
+                log("federation finished: letting nodes see STOP, then shutting down")
+                stop.wait(running.coordinator.config.server.long_poll_seconds + 2)
+                break
+    finally:
+        running.stop()

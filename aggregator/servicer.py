@@ -1,0 +1,113 @@
+"""The gRPC servicer: thin. It finds the calling node, hands the request to the Coordinator and
+turns every refusal into a status code with a clear message. No round logic, SQL or tensor math."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from aggregator.errors import InvalidArgument, Refused, Unauthenticated
+from aggregator.rounds import Coordinator
+from aggregator.store import NodeRow
+from protos import federation_pb2 as pb
+from protos import federation_pb2_grpc as pb_grpc
+from protos.codec import model_stream_messages
+
+SESSION_METADATA = "x-fedpt-session"
+
+
+def _answer_refusals(method: Callable) -> Callable:
+    """Abort the call with the refusal's status code; anything else is a bug: INTERNAL."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context: grpc.ServicerContext):
+        try:
+            return method(self, request, context)
+        except Refused as e:
+            context.abort(grpc.StatusCode[e.code], e.message)
+        except Exception as e:
+            self.log(f"{method.__name__}: internal error: {type(e).__name__}: {e}")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+
+    return wrapper
+
+
+def _answer_refusals_streaming(method: Callable) -> Callable:
+    """The same for server-streaming methods (the generator's body runs lazily)."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context: grpc.ServicerContext):
+        try:
+            yield from method(self, request, context)
+        except Refused as e:
+            context.abort(grpc.StatusCode[e.code], e.message)
+        except Exception as e:
+            self.log(f"{method.__name__}: internal error: {type(e).__name__}: {e}")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+
+    return wrapper
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    def __init__(self, coordinator: Coordinator, log: Callable[[str], None] = print) -> None:
+        self.coordinator, self.log = coordinator, log
+
+    def _caller(self, context: grpc.ServicerContext) -> NodeRow:
+        token = dict(context.invocation_metadata()).get(SESSION_METADATA)
+        if not token:
+            raise Unauthenticated(f"missing {SESSION_METADATA} metadata: call Join first")
+        return self.coordinator.authenticate(token)
+
+    @_answer_refusals
+    def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
+        caps = request.capabilities
+        capabilities = {"num_devices": caps.num_devices, "device_kind": caps.device_kind,
+                        "fedpt_version": caps.fedpt_version}  # fmt: skip
+        if len(json.dumps(capabilities)) > 4096:
+            raise InvalidArgument("capabilities are too large")
+        node, token = self.coordinator.join(request.organisation, capabilities)
+        return pb.JoinReply(node_id=node.id, session_token=token, spec=self.coordinator.spec)
+
+    @_answer_refusals
+    def GetTask(self, request: pb.TaskRequest, context) -> pb.Task:
+        node = self._caller(context)
+        return self.coordinator.get_task(node.id, request.wait_seconds)
+
+    @_answer_refusals_streaming
+    def PullModel(self, request: pb.PullRequest, context) -> Iterator[pb.ModelStreamMessage]:
+        self._caller(context)
+        payload = self.coordinator.model_payload(request.model_version)
+        if request.first_chunk > payload.manifest.num_chunks:
+            raise InvalidArgument(
+                f"first_chunk {request.first_chunk} is past the last chunk ({payload.manifest.num_chunks})"
+            )
+        yield from model_stream_messages(payload, request.first_chunk)
+
+    @_answer_refusals
+    def PushUpdate(self, request_iterator: Iterator[pb.UpdateMessage], context) -> pb.PushReply:
+        node = self._caller(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidArgument("an update stream must start with its header")
+        session = self.coordinator.begin_upload(node.id, first.header)
+        try:
+            for message in request_iterator:
+                if message.WhichOneof("payload") != "chunk":
+                    raise InvalidArgument("only chunks may follow the header")
+                self.coordinator.add_chunk(session, message.chunk)
+        except Refused:
+            self.coordinator.reject_upload(session)
+            raise
+        except Exception:
+            # The client went away mid-stream: keep what arrived so it can resume.
+            self.coordinator.release_upload(session)
+            raise
+        return self.coordinator.end_upload(session)
+
+    @_answer_refusals
+    def GetUploadStatus(self, request: pb.UploadStatusRequest, context) -> pb.UploadStatus:
+        node = self._caller(context)
+        return self.coordinator.upload_status(node.id, request.round)

@@ -1,0 +1,175 @@
+"""The node's gRPC client for the aggregator: join, long-poll tasks, pull and push models.
+
+Pulls and pushes are resumable: a stream that breaks part-way is continued from the last chunk
+the other side verified, not restarted, within a bounded number of attempts. Only manifests,
+model weights and deltas cross the wire (see tests/test_no_data_on_wire.py later on).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import grpc
+import torch
+
+from protos import federation_pb2 as pb
+from protos import federation_pb2_grpc as pb_grpc
+from protos.codec import (
+    DEFAULT_CHUNK_BYTES,
+    CodecError,
+    PayloadAssembler,
+    TensorSpec,
+    encode,
+    receive_model,
+    update_messages,
+)
+
+SESSION_METADATA = "x-fedpt-session"
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED)  # fmt: skip
+
+
+class TransferError(RuntimeError):
+    """A pull or push did not complete within its attempts."""
+
+
+class AggregatorClient:
+    def __init__(
+        self,
+        address: str,
+        organisation: str,
+        *,
+        max_message_bytes: int = 16 << 20,
+        rpc_timeout: float = 60.0,
+        attempts: int = 5,
+        log: Callable[[str], None] = lambda _m: None,
+    ) -> None:
+        self.address, self.organisation = address, organisation
+        self.rpc_timeout, self.attempts, self.log = rpc_timeout, attempts, log
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.node_id = ""
+        self.spec: pb.FederationSpec | None = None
+        self._metadata: tuple[tuple[str, str], ...] = ()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def join(self, capabilities: pb.Capabilities | None = None) -> pb.JoinReply:
+        reply = self.stub.Join(
+            pb.JoinRequest(
+                organisation=self.organisation, capabilities=capabilities or pb.Capabilities()
+            ),
+            timeout=self.rpc_timeout,
+        )
+        self.node_id, self.spec = reply.node_id, reply.spec
+        self._metadata = ((SESSION_METADATA, reply.session_token),)
+        return reply
+
+    def get_task(self, wait_seconds: float = 10.0) -> pb.Task:
+        return self.stub.GetTask(
+            pb.TaskRequest(wait_seconds=wait_seconds),
+            metadata=self._metadata,
+            timeout=wait_seconds + self.rpc_timeout,
+        )
+
+    def upload_status(self, round_number: int) -> pb.UploadStatus:
+        return self.stub.GetUploadStatus(
+            pb.UploadStatusRequest(round=round_number),
+            metadata=self._metadata,
+            timeout=self.rpc_timeout,
+        )
+
+    def pull_model(
+        self,
+        version: int,
+        *,
+        expected: Sequence[TensorSpec] | None = None,
+        max_total_bytes: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The global model of `version`, verified chunk by chunk; a broken stream is resumed
+        from the first chunk not yet received."""
+        assembler: PayloadAssembler | None = None
+        for attempt in range(1, self.attempts + 1):
+            first = assembler.next_index if assembler else 0
+            stream = self.stub.PullModel(
+                pb.PullRequest(model_version=version, first_chunk=first), metadata=self._metadata,
+                timeout=self.rpc_timeout * 10,
+            )  # fmt: skip
+            breaks: list[grpc.RpcError] = []
+            try:
+                assembler = receive_model(
+                    _until_broken(stream, breaks),
+                    assembler,
+                    expected=expected,
+                    max_total_bytes=max_total_bytes,
+                )
+            except CodecError:
+                if not breaks:  # the server sent something wrong, not a network failure
+                    raise
+            if assembler is not None and assembler.complete:
+                return assembler.tensors()
+            if breaks:
+                self.log(f"pull of version {version} broke ({breaks[0].code().name}); resuming")
+            time.sleep(min(0.2 * 2**attempt, 5.0))
+        raise TransferError(
+            f"pull of model version {version} did not complete in {self.attempts} attempts"
+        )
+
+    def push_update(
+        self,
+        round_number: int,
+        base_version: int,
+        delta: Mapping[str, torch.Tensor],
+        num_tokens: int,
+        train_loss: float,
+        *,
+        chunk_bytes: int | None = None,
+    ) -> pb.PushReply:
+        """Send this round's delta; after a broken stream, ask where the server is and resume."""
+        payload = encode(
+            delta, chunk_bytes or (self.spec.chunk_bytes if self.spec else DEFAULT_CHUNK_BYTES)
+        )
+        first = 0
+        for attempt in range(1, self.attempts + 1):
+            header = pb.UpdateHeader(round=round_number, base_version=base_version,
+                                     num_tokens=num_tokens, train_loss=train_loss)  # fmt: skip
+            try:
+                reply = self.stub.PushUpdate(
+                    update_messages(header, payload, first),
+                    metadata=self._metadata,
+                    timeout=self.rpc_timeout * 10,
+                )
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.attempts:
+                    raise
+                self.log(f"push for round {round_number} broke ({e.code().name}); resuming")
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+                status = self.upload_status(round_number)
+                if status.complete:
+                    return pb.PushReply(chunks_received=payload.manifest.num_chunks, complete=True)
+                first = status.chunks_received
+                continue
+            if reply.complete:
+                return reply
+            first = reply.chunks_received
+        raise TransferError(
+            f"push for round {round_number} did not complete in {self.attempts} attempts"
+        )
+
+
+def _until_broken(stream, breaks: list[grpc.RpcError]):
+    """The stream's messages until it breaks with a retryable error (recorded in `breaks`)."""
+    try:
+        yield from stream
+    except grpc.RpcError as e:
+        if e.code() not in RETRYABLE:
+            raise
+        breaks.append(e)
