@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_generate_parser,
         add_tokenizer_parser,
         add_data_parser,
+        add_aggregator_parser,
     ):
         add(sub)
     return parser
