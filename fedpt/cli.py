@@ -32,12 +32,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from aggregator.config import AggregatorConfigError
     from aggregator.rounds import RecoveryError
     from aggregator.store import StoreError
+    from fedpt.simulate import SimulationError
     from model.train_config import TrainConfigError
     from node.corpus import DataError
+    from node.participant import FederationMismatch, NodeConfigError
     from node.trainer import TrainingError
 
     return (*USER_ERRORS, UsageError, DataError, TrainConfigError, TrainingError,
-            AggregatorConfigError, RecoveryError, StoreError, OSError)  # fmt: skip
+            AggregatorConfigError, RecoveryError, StoreError, OSError, NodeConfigError,
+            FederationMismatch, SimulationError)  # fmt: skip
 
 
 # ---- train ------------------------------------------------------------------------------------
@@ -357,6 +360,99 @@ def cmd_aggregator_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- node -------------------------------------------------------------------------------------
+NODE_FLAGS = {"aggregator": str, "data": str, "organisation": str, "tokenizer": str, "work_dir": str,
+              "poll_seconds": float, "reconnect_timeout_seconds": float}  # fmt: skip
+
+
+def add_node_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("node", help="take part in a federation as one organisation's node")
+    nsub = p.add_subparsers(dest="node_command", required=True, parser_class=OneLineParser)
+    join = nsub.add_parser(
+        "join", help="join an aggregator and train rounds until the federation ends"
+    )
+    for flag, kind in NODE_FLAGS.items():
+        join.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None)
+    join.add_argument(
+        "--config", type=Path, help="node.toml with a [node] table; flags override it"
+    )
+    join.add_argument(
+        "--nproc-per-node", type=int, default=None, help="local ranks (relaunches under torchrun)"
+    )
+    join.add_argument("--reset-inner-optimizer", action="store_true", default=None,
+                      help="forget AdamW moments at every round (default: keep them)")  # fmt: skip
+    join.add_argument(
+        "--save-deltas", action="store_true", default=None, help="keep every pushed delta"
+    )
+    join.set_defaults(func=cmd_node_join)
+
+
+def cmd_node_join(args: argparse.Namespace) -> int:
+    from node.participant import load_node_config
+
+    flags = (*NODE_FLAGS, "nproc_per_node", "reset_inner_optimizer", "save_deltas")
+    overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    cfg = load_node_config(args.config, overrides)
+    if cfg.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        return relaunch_node_under_torchrun(cfg)
+    from node.parallel import init_distributed, shutdown_distributed
+    from node.participant import Participant
+
+    # Ranks wait in collectives while rank 0 long-polls for rounds: allow a day.
+    env = init_distributed(timeout_minutes=24 * 60)
+    try:
+        Participant(cfg, env).run()
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def relaunch_node_under_torchrun(cfg) -> int:
+    from node.local_training import cache_dir, open_tokenizer
+    from node.shards import prepare_data
+
+    prepare_data(cfg.data, open_tokenizer(cfg.tokenizer or None), cache_dir())  # once, not per rank
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={cfg.nproc_per_node}", "-m", "fedpt", *sys.argv[1:],
+    ]  # fmt: skip
+    return subprocess.call(cmd)
+
+
+# ---- simulate ---------------------------------------------------------------------------------
+def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate", help="a whole federation on this machine: 1 aggregator + N node processes"
+    )
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument(
+        "--data", help="comma-separated sources, one per node (default: built-in organisations)"
+    )
+    p.add_argument("--inner-steps", type=int, default=40, help="H: inner steps per round")
+    p.add_argument("--outer", choices=("fedavg", "nesterov", "adam"), default="nesterov")
+    p.add_argument("--outer-lr", type=float, default=None)
+    p.add_argument("--min-nodes", type=int, default=None, help="quorum (default: all nodes)")
+    p.add_argument("--round-timeout", type=float, default=600.0)
+    p.add_argument("--nproc-per-node", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="run folder (default: runs/sim-TIMESTAMP)")
+    p.set_defaults(func=cmd_simulate)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedpt.simulate import SimulationOptions, simulate
+
+    options = SimulationOptions(
+        nodes=args.nodes, rounds=args.rounds, preset=args.preset,
+        data=[d for d in (args.data or "").split(",") if d], inner_steps=args.inner_steps,
+        outer=args.outer, outer_lr=args.outer_lr, min_nodes=args.min_nodes, round_timeout=args.round_timeout,
+        nproc_per_node=args.nproc_per_node, seed=args.seed, out=args.out,
+    )  # fmt: skip
+    return 0 if simulate(options) else 1
+
+
 # ---- entry point ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fedpt", description="Federated generative pretraining.")
@@ -368,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_tokenizer_parser,
         add_data_parser,
         add_aggregator_parser,
+        add_node_parser,
+        add_simulate_parser,
     ):
         add(sub)
     return parser

@@ -36,7 +36,7 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
+def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     """Read torchrun's environment and join the process group when there are several ranks."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -50,7 +50,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(minutes=30),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
             device_id=dev if use_cuda else None,
         )
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
@@ -72,6 +72,33 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= env.world_size
     return value
+
+
+def broadcast_bytes(data: bytes | None, env: DistEnv) -> bytes:
+    """Rank 0's `data` on every rank (raw bytes: no pickle between ranks either)."""
+    if not env.distributed:
+        assert data is not None
+        return data
+    length = torch.tensor([len(data) if env.is_main else 0], dtype=torch.int64, device=env.device)
+    dist.broadcast(length, src=0)
+    buffer = torch.empty(int(length), dtype=torch.uint8, device=env.device)
+    if env.is_main:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buffer, src=0)
+    return bytes(buffer.cpu().numpy())
+
+
+def broadcast_tensors(tensors: dict[str, torch.Tensor], env: DistEnv) -> dict[str, torch.Tensor]:
+    """Rank 0's tensors on every rank; the other ranks pass tensors of the right shapes and
+    dtypes (e.g. fresh ones) to receive into."""
+    if not env.distributed:
+        return tensors
+    out = {}
+    for name, tensor in tensors.items():
+        on_device = tensor.to(env.device)
+        dist.broadcast(on_device, src=0)
+        out[name] = on_device.cpu()
+    return out
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from model.config import ModelConfig
 from model.gpt import GPT
 from model.io import weights_metadata
 from model.train_config import TrainConfig
-from node.checkpoint import load_checkpoint, save_checkpoint
+from node.checkpoint import full_model_state, load_checkpoint, save_checkpoint
 from node.evaluation import mean_loss
 from node.metrics import MetricsLog, mfu, peak_flops
 from node.parallel import (
@@ -310,6 +311,26 @@ class Trainer:
             )
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self._log(f"resumed from {directory} at step {self.step}")
+
+    # ---- federated rounds ---------------------------------------------------------------------
+    def load_global(self, weights: dict[str, torch.Tensor]) -> None:
+        """Overwrite the weights with the global model (a full state dict, on every rank)."""
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        # A copy: set_model_state_dict adds the tied output weight to the dict it is given.
+        missing, unexpected = set_model_state_dict(self.module, dict(weights), options=options)
+        missing = [m for m in missing if m != "output.weight"]  # tied to the embedding
+        if missing or unexpected:
+            raise TrainingError(
+                f"global model does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The local model's full weights on the CPU (collective under FSDP)."""
+        return full_model_state(self.module, self.model_config.tie_embeddings)
+
+    def reset_optimizer(self) -> None:
+        """Forget the inner optimizer's moments (the default keeps them across rounds)."""
+        self.optimizer.state.clear()
 
     def close(self) -> None:
         self.metrics.close()

@@ -1,0 +1,338 @@
+"""`fedpt simulate`: a whole federation on one machine, made of the real parts.
+
+It writes an aggregator.toml, starts `fedpt aggregator serve` and N `fedpt node join` processes
+on 127.0.0.1 (real gRPC, real training), and watches the aggregator's database: each time a
+round ends it evaluates the new global model on the held-out validation splits of every node's
+data and prints a row. Everything lands in one run folder:
+
+  aggregator.toml, aggregator/ (fedpt.db, checkpoints/, uploads/), nodes/NAME/ (round logs),
+  logs/*.log (every process's output), rounds.csv, summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aggregator.checkpoints import CheckpointStore
+from aggregator.store import Store
+from model.config import ModelConfig
+from model.gpt import GPT
+from model.io import load_weights_into
+from model.tokenizer import ByteTokenizer
+from node.builtin_corpus import list_organisations
+from node.evaluation import mean_loss
+from node.local_training import cache_dir
+from node.parallel import DistEnv
+from node.shards import TokenShards, prepare_data
+
+# The built-in organisations in the order simulated nodes take them (most different first).
+DEFAULT_ORGS = ("web", "systems", "apps", "core", "docs")
+EVAL_SEQ_LEN, EVAL_BATCH, EVAL_BATCHES = 128, 8, 8
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not start or a process failed; the message says which and why."""
+
+
+@dataclass
+class SimulationOptions:
+    nodes: int = 4
+    rounds: int = 6
+    preset: str = "tiny"
+    data: list[str] = field(default_factory=list)
+    inner_steps: int = 40
+    outer: str = "nesterov"
+    outer_lr: float | None = None
+    min_nodes: int | None = None
+    round_timeout: float = 600.0
+    nproc_per_node: int = 1
+    seed: int = 0
+    out: Path | None = None
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    source: str
+    process: subprocess.Popen
+    log_path: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_sources(nodes: int) -> list[tuple[str, str]]:
+    """(node name, data source) per node: one built-in organisation each, reused round-robin."""
+    orgs = [o for o in DEFAULT_ORGS if o in list_organisations()]
+    out = []
+    for i in range(nodes):
+        org = orgs[i % len(orgs)]
+        out.append((org if i < len(orgs) else f"{org}-{i // len(orgs) + 1}", f"builtin:{org}"))
+    return out
+
+
+def named_sources(sources: list[str]) -> list[tuple[str, str]]:
+    names = []
+    for i, source in enumerate(sources):
+        base = Path(source.replace("builtin:", "")).name or f"node{i}"
+        names.append((base if base not in [n for n, _ in names] else f"{base}-{i}", source))
+    return names
+
+
+def write_aggregator_config(opts: SimulationOptions, run: Path, port: int) -> Path:
+    min_nodes = opts.min_nodes or opts.nodes
+    outer_lr = f"lr = {opts.outer_lr}\n" if opts.outer_lr else ""
+    text = f"""[server]
+host = "127.0.0.1"
+port = {port}
+long_poll_seconds = 2.0
+
+[federation]
+name = "simulation"
+rounds = {opts.rounds}
+inner_steps = {opts.inner_steps}
+seed = {opts.seed}
+
+[model]
+preset = "{opts.preset}"
+
+[round]
+min_nodes = {min_nodes}
+timeout_seconds = {opts.round_timeout}
+start_grace_seconds = 2.0
+
+[outer]
+name = "{opts.outer}"
+{outer_lr}
+[store]
+state_dir = "{run / "aggregator"}"
+"""
+    path = run / "aggregator.toml"
+    path.write_text(text)
+    return path
+
+
+class Simulation:
+    def __init__(self, opts: SimulationOptions, log=print) -> None:
+        self.opts, self.log = opts, log
+        self.run = opts.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+        if self.run.exists() and any(self.run.iterdir()):
+            raise SimulationError(f"{self.run} is not empty; choose another --out")
+        if opts.nodes < 1 or opts.rounds < 1 or opts.inner_steps < 1:
+            raise SimulationError("--nodes, --rounds and --inner-steps must be at least 1")
+        self.sources = named_sources(opts.data) if opts.data else default_sources(opts.nodes)
+        if len(self.sources) != opts.nodes:
+            raise SimulationError(
+                f"--data names {len(self.sources)} sources for {opts.nodes} nodes"
+            )
+        (self.run / "logs").mkdir(parents=True, exist_ok=True)
+        self.processes: list[subprocess.Popen] = []
+
+    # ---- processes ----------------------------------------------------------------------------
+    def _spawn(self, args: list[str], log_name: str) -> tuple[subprocess.Popen, Path]:
+        log_path = self.run / "logs" / f"{log_name}.log"
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "FEDPT_CACHE_DIR": str(cache_dir()),
+        }
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", "fedpt", *args], stdout=log_file,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+        self.processes.append(proc)
+        return proc, log_path
+
+    def _wait_healthy(self, address: str, proc: subprocess.Popen, log_path: Path) -> None:
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for _ in range(300):
+                if proc.poll() is not None:
+                    raise SimulationError(f"the aggregator exited at start-up:\n{tail(log_path)}")
+                try:
+                    request = health_pb2.HealthCheckRequest(service="fedpt.v1.Federation")
+                    if (
+                        stub.Check(request, timeout=1).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
+                        return
+                except grpc.RpcError:
+                    time.sleep(0.1)
+        raise SimulationError("the aggregator did not become healthy within 30 s")
+
+    def stop_all(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def _prepare_validation(self) -> list[TokenShards]:
+        """Pack every node's data once (the nodes then find it in the cache) and keep the
+        validation splits: the held-out set the global model is scored on."""
+        tokenizer = ByteTokenizer()
+        sets = []
+        for name, source in self.sources:
+            root, report = prepare_data(source, tokenizer, cache_dir())
+            sets.append(TokenShards(root / "val"))
+            if report is not None:
+                self.log(f"data {name}: {report.summary()}")
+        return sets
+
+    def _global_val_loss(
+        self, version: int, model_config: ModelConfig, val_sets: list[TokenShards]
+    ) -> float:
+        params, _, _ = CheckpointStore(self.run / "aggregator" / "checkpoints").read(version)
+        model = GPT(model_config)
+        load_weights_into(model, params, source=f"global model v{version}")
+        losses = [
+            mean_loss(
+                model,
+                data,
+                seq_len=EVAL_SEQ_LEN,
+                batch_size=EVAL_BATCH,
+                max_batches=EVAL_BATCHES,
+                env=DistEnv(),
+            )
+            for data in val_sets
+        ]
+        losses = [x for x in losses if x is not None]
+        return sum(losses) / len(losses) if losses else math.nan
+
+    # ---- the run ------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        torch.set_num_threads(1)  # the cores belong to the nodes
+        val_sets = self._prepare_validation()
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        config_path = write_aggregator_config(self.opts, self.run, port)
+        aggregator, agg_log = self._spawn(
+            ["aggregator", "serve", "--config", str(config_path)], "aggregator"
+        )
+        self._wait_healthy(address, aggregator, agg_log)
+        nodes = []
+        for name, source in self.sources:
+            args = ["node", "join", "--aggregator", address, "--data", source, "--organisation", name,
+                    "--work-dir", str(self.run / "nodes" / name), "--nproc-per-node", str(self.opts.nproc_per_node)]  # fmt: skip
+            proc, log_path = self._spawn(args, f"node-{name}")
+            nodes.append(NodeProcess(name, source, proc, log_path))
+        self.log(f"simulation: aggregator on {address}, {len(nodes)} nodes, run folder {self.run}")
+        return self._watch(aggregator, agg_log, nodes, val_sets)
+
+    def _watch(
+        self, aggregator, agg_log: Path, nodes: list[NodeProcess], val_sets: list[TokenShards]
+    ) -> dict:
+        store = Store(f"sqlite:///{(self.run / 'aggregator' / 'fedpt.db').resolve()}")
+        try:
+            fid, spec_json, _ = store.find_federation("simulation")
+            spec = json.loads(spec_json)
+            model_config = ModelConfig.from_dict(json.loads(spec["model_config_json"]))
+            initial = self._global_val_loss(0, model_config, val_sets)
+            names = {n.id: n.organisation for n in store.nodes(fid)}
+            header = ["round", "nodes", *[n.name for n in nodes], "val loss", "round s"]
+            self.log(f"global validation loss before training: {initial:.4f}")
+            self.log("  ".join(f"{h:>8}" for h in header))
+            rows, reported = [], set()
+            budget = time.monotonic() + self.opts.rounds * self.opts.round_timeout + 120
+            while time.monotonic() < budget:
+                for r in store.rounds(fid):
+                    if r.state not in ("COMMITTED", "FAILED") or r.number in reported:
+                        continue
+                    reported.add(r.number)
+                    names.update({n.id: n.organisation for n in store.nodes(fid)})
+                    rows.append(self._row(store, fid, r, names, nodes, model_config, val_sets))
+                    self.log("  ".join(f"{c:>8}" for c in rows[-1]["cells"]))
+                failed = [n for n in nodes if n.process.poll() not in (None, 0)]
+                if failed:
+                    n = failed[0]
+                    raise SimulationError(
+                        f"node {n.name} exited with {n.process.returncode}:\n{tail(n.log_path)}"
+                    )
+                if aggregator.poll() not in (None, 0):
+                    raise SimulationError(
+                        f"the aggregator exited with {aggregator.returncode}:\n{tail(agg_log)}"
+                    )
+                if all(n.process.poll() == 0 for n in nodes) and len(reported) >= self.opts.rounds:
+                    break
+                time.sleep(0.5)
+            else:
+                raise SimulationError(
+                    f"the simulation did not finish in time; logs in {self.run / 'logs'}"
+                )
+        finally:
+            store.close()
+        return self._summary(initial, rows)
+
+    def _row(self, store, fid, r, names, nodes, model_config, val_sets) -> dict:
+        metrics = [m for m in store.metrics(fid) if m.round_number == r.number]
+        loss_by_org = {
+            names.get(m.node_id, "?"): m.value for m in metrics if m.name == "train_loss"
+        }
+        seconds = next((m.value for m in metrics if m.name == "round_seconds"), math.nan)
+        val = (
+            self._global_val_loss(r.result_version, model_config, val_sets)
+            if r.state == "COMMITTED"
+            else math.nan
+        )
+        per_node = [f"{loss_by_org[n.name]:.4f}" if n.name in loss_by_org else "-" for n in nodes]
+        cells = [str(r.number), str(len(loss_by_org)), *per_node, f"{val:.4f}" if r.state == "COMMITTED" else "FAILED",
+                 f"{seconds:.1f}"]  # fmt: skip
+        return {"round": r.number, "state": r.state, "nodes": len(loss_by_org), "train_loss": loss_by_org,
+                "val_loss": val, "round_seconds": seconds, "cells": cells}  # fmt: skip
+
+    def _summary(self, initial: float, rows: list[dict]) -> dict:
+        committed = [r for r in rows if r["state"] == "COMMITTED"]
+        final = committed[-1]["val_loss"] if committed else math.nan
+        summary = {"initial_val_loss": initial, "final_val_loss": final, "rounds": [
+            {k: v for k, v in r.items() if k != "cells"} for r in rows]}  # fmt: skip
+        (self.run / "summary.json").write_text(json.dumps(summary, indent=2))
+        with open(self.run / "rounds.csv", "w") as f:
+            f.write("round,state,nodes,val_loss,round_seconds\n")
+            for r in rows:
+                f.write(
+                    f"{r['round']},{r['state']},{r['nodes']},{r['val_loss']:.6f},{r['round_seconds']:.3f}\n"
+                )
+        verdict = "fell" if final < initial else "did NOT fall"
+        self.log(
+            f"global validation loss {initial:.4f} -> {final:.4f} ({verdict}); run folder {self.run}"
+        )
+        return summary
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+def simulate(opts: SimulationOptions, log=print) -> bool:
+    """Run the simulation; True when the global validation loss fell."""
+    sim = Simulation(opts, log)
+    try:
+        summary = sim.execute()
+    finally:
+        sim.stop_all()
+    return summary["final_val_loss"] < summary["initial_val_loss"]

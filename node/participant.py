@@ -1,0 +1,288 @@
+"""The participant: one organisation's node in a federation.
+
+    join ─► long-poll a task ─► pull θ_global (resumable) ─► train H inner steps on private shards
+         ▲                                                          │
+         └──── push Δ = θ_global − θ_local (resumable) ◄────────────┘     until STOP
+
+Only weights and deltas leave this process; the corpus, its tokens and the inner optimizer state
+stay here. With several local ranks (torchrun), rank 0 does all network I/O and the others wait
+in a broadcast for the task and the global weights. While the aggregator is away the node
+reconnects with exponential backoff, for up to `reconnect_timeout_seconds`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from model.config import ConfigError, ModelConfig, dataclass_from_dict
+from model.delta import pseudo_gradient
+from model.gpt import GPT
+from model.io import model_state, save_tensors_atomic
+from model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from model.train_config import TrainConfig
+from node.client import AggregatorClient
+from node.local_training import load_splits
+from node.metrics import MetricsLog
+from node.parallel import DistEnv, barrier, broadcast_bytes, broadcast_tensors
+from node.trainer import Trainer
+from protos import federation_pb2 as pb
+from protos.codec import TensorSpec, specs_of
+
+RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Refusals after which the node simply asks for its next task.
+SKIP_ROUND_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,
+                    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND)  # fmt: skip
+
+
+class NodeConfigError(ValueError):
+    """node.toml or a flag is invalid."""
+
+
+class FederationMismatch(RuntimeError):
+    """This node cannot take part: its tokenizer or data does not fit the federation's spec."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    aggregator: str = "127.0.0.1:7450"
+    organisation: str = ""  # default: the data source's name
+    data: str = ""  # folder / file / prepared shards / builtin[:ORG]
+    tokenizer: str = ""  # the federation's BPE JSON when it uses one (checked by sha256)
+    work_dir: str = "fedpt-node"  # metrics, round log, optional deltas
+    nproc_per_node: int = 1
+    reset_inner_optimizer: bool = False  # default: AdamW moments carry over between rounds
+    poll_seconds: float = 10.0  # long-poll length per GetTask
+    reconnect_timeout_seconds: float = 300.0  # give up after the aggregator is away this long
+    save_deltas: bool = False  # audit trail: every pushed delta in work_dir/deltas/
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise NodeConfigError("a node needs --data (its private corpus)")
+        if self.nproc_per_node < 1 or self.poll_seconds <= 0 or self.reconnect_timeout_seconds <= 0:
+            raise NodeConfigError(
+                "nproc_per_node ≥ 1, poll_seconds > 0, reconnect_timeout_seconds > 0"
+            )
+
+    @property
+    def organisation_name(self) -> str:
+        return self.organisation or Path(self.data.replace("builtin:", "")).name or "node"
+
+
+def load_node_config(path: Path | None, overrides: dict) -> NodeConfig:
+    table: dict = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise NodeConfigError(f"cannot read {path}: {e}") from e
+        unknown = sorted(set(raw) - {"node"})
+        if unknown:
+            raise NodeConfigError(f"{path}: unknown tables {', '.join(unknown)} (expected [node])")
+        table = dict(raw.get("node", {}))
+    return dataclass_from_dict(NodeConfig, {**table, **overrides}, "[node]", NodeConfigError)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    version: int
+    wait_seconds: float  # polling for this task
+    pull_seconds: float
+    train_seconds: float
+    push_seconds: float
+    train_loss: float
+    tokens: int
+    pushed: bool
+
+
+class Participant:
+    def __init__(self, cfg: NodeConfig, env: DistEnv, log: Callable[[str], None] = print) -> None:
+        self.cfg, self.env = cfg, env
+        self.log = log if env.is_main else (lambda _m: None)
+        self.work_dir = Path(cfg.work_dir)
+        self.client: AggregatorClient | None = None
+        if env.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            self.client = AggregatorClient(cfg.aggregator, cfg.organisation_name, log=self.log)
+        self.rounds_log = MetricsLog(self.work_dir / "rounds.jsonl" if env.is_main else None)
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _join(self) -> pb.FederationSpec:
+        """Rank 0 joins; every rank gets the spec."""
+        raw = None
+        if self.env.is_main:
+            reply = self._reconnecting(self.client.join, "join")
+            self.log(
+                f"joined {self.cfg.aggregator} as {reply.node_id} ({self.cfg.organisation_name})"
+            )
+            raw = reply.spec.SerializeToString()
+        spec = pb.FederationSpec()
+        spec.ParseFromString(broadcast_bytes(raw, self.env))
+        return spec
+
+    def _build_trainer(self, spec: pb.FederationSpec) -> Trainer:
+        tokenizer = self._tokenizer(json.loads(spec.tokenizer_json))
+        try:
+            model_config = ModelConfig.from_dict(json.loads(spec.model_config_json))
+        except (ConfigError, json.JSONDecodeError) as e:
+            raise FederationMismatch(f"the federation's model config is unusable here: {e}") from e
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise FederationMismatch(
+                "the tokenizer's vocabulary is larger than the federation's model"
+            )
+        total_rounds = spec.total_rounds or 1000
+        train_table = json.loads(spec.train_config_json or "{}")
+        # The schedule spans the whole federation: H inner steps per round, every round.
+        train_cfg = TrainConfig.from_dict({**train_table, "steps": total_rounds * spec.inner_steps})
+        train, val = load_splits(self.cfg.data, tokenizer, self.env, self.log)
+        self.model_specs = self._model_specs(model_config)
+        return Trainer(model_config, train_cfg, train, env=self.env, val_data=val,
+                       tokenizer_spec=tokenizer.spec(), out_dir=self.work_dir, log=self.log)  # fmt: skip
+
+    def _tokenizer(self, spec: dict) -> Tokenizer:
+        if spec.get("kind") == "byte":
+            return ByteTokenizer()
+        if not self.cfg.tokenizer:
+            raise FederationMismatch(
+                "the federation uses a BPE tokenizer: pass --tokenizer with its JSON file"
+            )
+        tokenizer = load_tokenizer(spec, self.cfg.tokenizer)  # refuses a different sha256
+        return tokenizer
+
+    @staticmethod
+    def _model_specs(model_config: ModelConfig) -> list[TensorSpec]:
+        with torch.device("meta"):
+            return specs_of(model_state(GPT(model_config)))
+
+    # ---- the round loop -----------------------------------------------------------------------
+    def run(self) -> list[RoundRecord]:
+        spec = self._join()
+        trainer = self._build_trainer(spec)
+        records: list[RoundRecord] = []
+        try:
+            while True:
+                started = time.perf_counter()
+                kind, round_number, version = self._next_task()
+                if kind == pb.Task.STOP:
+                    self.log("the federation has finished")
+                    return records
+                record = self._train_round(trainer, spec, round_number, version)
+                record.wait_seconds = (
+                    time.perf_counter()
+                    - started
+                    - (record.pull_seconds + record.train_seconds + record.push_seconds)
+                )
+                records.append(record)
+                self.rounds_log.write(dataclasses.asdict(record))
+        finally:
+            trainer.close()
+            self.rounds_log.close()
+            if self.client is not None:
+                self.client.close()
+
+    def _next_task(self) -> tuple[int, int, int]:
+        """Rank 0 long-polls until it has TRAIN or STOP; every rank learns (kind, round, version)."""
+        task = (0, 0, 0)
+        if self.env.is_main:
+            while True:
+                reply = self._reconnecting(
+                    lambda: self.client.get_task(self.cfg.poll_seconds), "get a task"
+                )
+                if reply.kind in (pb.Task.TRAIN, pb.Task.STOP):
+                    task = (reply.kind, reply.round, reply.model_version)
+                    break
+        as_tensor = torch.tensor(task, dtype=torch.int64)
+        as_bytes = broadcast_bytes(
+            as_tensor.numpy().tobytes() if self.env.is_main else None, self.env
+        )
+        kind, round_number, version = torch.frombuffer(
+            bytearray(as_bytes), dtype=torch.int64
+        ).tolist()
+        return kind, round_number, version
+
+    def _train_round(
+        self, trainer: Trainer, spec: pb.FederationSpec, round_number: int, version: int
+    ) -> RoundRecord:
+        t0 = time.perf_counter()
+        global_weights = self._pull(version)
+        trainer.load_global(global_weights)
+        if self.cfg.reset_inner_optimizer:
+            trainer.reset_optimizer()
+        t1 = time.perf_counter()
+        losses = trainer.train(spec.inner_steps)
+        t2 = time.perf_counter()
+        local = trainer.full_weights()
+        train_loss = sum(losses) / len(losses)
+        tokens = spec.inner_steps * trainer.cfg.tokens_per_step(self.env.world_size)
+        pushed = True
+        if self.env.is_main:
+            delta = pseudo_gradient(global_weights, local)
+            pushed = self._push(round_number, version, delta, tokens, train_loss)
+        barrier(self.env)
+        t3 = time.perf_counter()
+        self.log(
+            f"round {round_number}: trained {spec.inner_steps} steps from version {version}, "
+            f"loss {train_loss:.4f}, pull {t1 - t0:.1f}s train {t2 - t1:.1f}s push {t3 - t2:.1f}s"
+        )
+        return RoundRecord(
+            round_number, version, 0.0, t1 - t0, t2 - t1, t3 - t2, train_loss, tokens, pushed
+        )
+
+    def _pull(self, version: int) -> dict[str, torch.Tensor]:
+        if self.env.is_main:
+            weights = self._reconnecting(
+                lambda: self.client.pull_model(version, expected=self.model_specs), "pull"
+            )
+        else:
+            weights = {s.name: torch.empty(s.shape, dtype=torch.float32) for s in self.model_specs}
+        return broadcast_tensors(weights, self.env)
+
+    def _push(self, round_number: int, version: int, delta: dict, tokens: int, loss: float) -> bool:
+        if self.cfg.save_deltas:
+            path = self.work_dir / "deltas" / f"round_{round_number:08d}.safetensors"
+            save_tensors_atomic(delta, path, {"round": str(round_number), "base_version": str(version),
+                                              "num_tokens": str(tokens), "train_loss": repr(loss)})  # fmt: skip
+        if not math.isfinite(loss):
+            self.log(f"round {round_number}: local training diverged; not sending an update")
+            return False
+        try:
+            self._reconnecting(
+                lambda: self.client.push_update(round_number, version, delta, tokens, loss), "push"
+            )
+        except grpc.RpcError as e:
+            if e.code() not in SKIP_ROUND_CODES:
+                raise
+            self.log(f"round {round_number}: update not taken ({e.code().name}: {e.details()})")
+            return False
+        return True
+
+    # ---- reconnection -------------------------------------------------------------------------
+    def _reconnecting(self, call: Callable, what: str):
+        """Run `call`, retrying with exponential backoff while the aggregator is unreachable,
+        and re-joining when it no longer knows this node's session."""
+        give_up = time.monotonic() + self.cfg.reconnect_timeout_seconds
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNAUTHENTICATED and call != self.client.join:
+                    self.log(f"{what}: session unknown to the aggregator; joining again")
+                    self._reconnecting(self.client.join, "join")
+                    continue
+                if code not in RECONNECT_CODES or time.monotonic() + delay > give_up:
+                    raise
+                self.log(f"{what}: aggregator unavailable ({code.name}); retrying in {delay:.1f}s")
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
