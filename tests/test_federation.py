@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +184,38 @@ def test_the_node_process_reports_per_round_timings(federation: dict) -> None:
     assert all(
         r["pushed"] and r["train_seconds"] > 0 and r["tokens"] == H * 4 * 32 for r in records
     )
+
+
+def test_a_node_waits_for_an_absent_aggregator_and_then_takes_part(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on yet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    corpus = write_corpus(tmp_path / "corpus", synthetic_documents(20, seed=3))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDPT_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "fedpt", "node", "join", "--aggregator", f"127.0.0.1:{port}", "--data",
+           str(corpus), "--work-dir", str(tmp_path / "node"), "--poll-seconds", "1"]  # fmt: skip
+    node = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    agg = None
+    try:
+        time.sleep(4)  # the node is retrying by now
+        assert node.poll() is None
+        config = AggregatorConfig(
+            server=ServerConfig(port=port, long_poll_seconds=1.0),
+            federation=FederationConfig(name="late", rounds=1, inner_steps=2),
+            model=MODEL,
+            train={"micro_batch_size": 2, "seq_len": 32, "warmup_steps": 1},
+            round=RoundConfig(min_nodes=1, timeout_seconds=60.0, start_grace_seconds=0.1),
+            store=StoreConfig(state_dir=str(tmp_path / "aggregator")),
+        )
+        agg = start_aggregator(config, log=lambda _m: None)
+        out, _ = node.communicate(timeout=120)
+    finally:
+        if node.poll() is None:
+            node.kill()
+        if agg is not None:
+            agg.stop(grace=0)
+    assert node.returncode == 0, out
+    assert "aggregator unavailable" in out and "retrying" in out
+    assert "the federation has finished" in out

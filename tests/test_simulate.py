@@ -20,7 +20,9 @@ def simulate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", ["1", "2"], ids=["1-rank-nodes", "2-rank-nodes"])
 def test_simulation_runs_and_the_global_validation_loss_falls(tmp_path: Path, ranks: str) -> None:
-    proc = simulate(tmp_path, "--nodes", "2", "--rounds", "2", "--inner-steps", "5", "--nproc-per-node", ranks)
+    proc = simulate(
+        tmp_path, "--nodes", "2", "--rounds", "2", "--inner-steps", "5", "--nproc-per-node", ranks
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())

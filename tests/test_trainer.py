@@ -150,3 +150,21 @@ def test_evaluation_without_enough_validation_tokens_is_none(shards, tmp_path: P
     short = TokenShards(tmp_path / "short" / "train")
     assert short.num_windows(32) == 0
     assert make_trainer(train).evaluate(short) is None
+
+
+def test_loading_a_global_model_keeps_inner_optimizer_state_unless_reset(shards) -> None:
+    train, _ = shards
+    trainer = make_trainer(train, steps=4)
+    trainer.train(2)
+    moments = {id(p): s["exp_avg"].clone() for p, s in trainer.optimizer.state.items()}
+    fresh = {k: torch.zeros_like(v) for k, v in trainer.full_weights().items()}
+    trainer.load_global(fresh)
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in trainer.full_weights().values())
+    assert trainer.model.output.weight is trainer.model.tok_embeddings.weight  # still tied
+    for p, state in trainer.optimizer.state.items():  # DiLoCo keeps the inner AdamW moments
+        assert torch.equal(state["exp_avg"], moments[id(p)])
+    trainer.reset_optimizer()
+    assert not trainer.optimizer.state
+    trainer.train(1)  # and training goes on from the new weights
+    with pytest.raises(TrainingError, match="does not fit"):
+        trainer.load_global({"bogus": torch.zeros(1)})
