@@ -191,16 +191,26 @@ def test_a_node_waits_for_an_absent_aggregator_and_then_takes_part(tmp_path: Pat
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     corpus = write_corpus(tmp_path / "corpus", synthetic_documents(20, seed=3))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDPT_CACHE_DIR": str(tmp_path / "cache")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "FEDPT_CACHE_DIR": str(tmp_path / "cache"),
+    }
     cmd = [sys.executable, "-m", "fedpt", "node", "join", "--aggregator", f"127.0.0.1:{port}", "--data",
            str(corpus), "--work-dir", str(tmp_path / "node"), "--poll-seconds", "1"]  # fmt: skip
     node = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(node.stdout), daemon=True)
+    reader.start()
     agg = None
     try:
-        time.sleep(4)  # the node is retrying by now
-        assert node.poll() is None
+        give_up = time.monotonic() + 90
+        while not any("retrying" in line for line in lines):  # the node is trying to reach us
+            assert node.poll() is None and time.monotonic() < give_up, "".join(lines)
+            time.sleep(0.1)
         config = AggregatorConfig(
             server=ServerConfig(port=port, long_poll_seconds=1.0),
             federation=FederationConfig(name="late", rounds=1, inner_steps=2),
@@ -210,12 +220,14 @@ def test_a_node_waits_for_an_absent_aggregator_and_then_takes_part(tmp_path: Pat
             store=StoreConfig(state_dir=str(tmp_path / "aggregator")),
         )
         agg = start_aggregator(config, log=lambda _m: None)
-        out, _ = node.communicate(timeout=120)
+        node.wait(timeout=120)
+        reader.join(timeout=10)
     finally:
         if node.poll() is None:
             node.kill()
         if agg is not None:
             agg.stop(grace=0)
+    out = "".join(lines)
     assert node.returncode == 0, out
     assert "aggregator unavailable" in out and "retrying" in out
     assert "the federation has finished" in out
