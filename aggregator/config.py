@@ -33,7 +33,8 @@ class ServerConfig:
     long_poll_seconds: float = 10.0  # upper bound on how long GetTask holds a call
     chunk_bytes: int = 4 << 20
     max_message_bytes: int = 16 << 20  # larger messages are refused by gRPC itself
-    insecure: bool = True  # plain text; mutual TLS arrives with the Security milestone
+    kit: str = ""  # the aggregator's startup kit (`fedpt ca issue --server-host ...`): mutual TLS
+    insecure: bool = False  # plain text, identity by session token: trusted networks and tests only
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -49,6 +50,10 @@ class ServerConfig:
         if self.max_message_bytes < self.chunk_bytes + (1 << 20):
             raise AggregatorConfigError(
                 "[server] max_message_bytes must exceed chunk_bytes by 1 MiB"
+            )
+        if not self.kit and not self.insecure:
+            raise AggregatorConfigError(
+                "[server] needs kit = <startup kit folder> for mutual TLS, or insecure = true"
             )
 
 

@@ -131,6 +131,7 @@ class Coordinator:
         self._completed: dict[str, SubmissionRow] = {}  # this round's complete uploads
         self._quorum_since: float | None = None
         self._tokens: dict[str, NodeRow] = {}  # token digest -> node (cache of the store)
+        self._by_organisation: dict[str, NodeRow] = {}  # certified organisation -> node
         self._dirty = False  # in-memory outer state may be ahead of the last checkpoint
         self._load_or_create_federation()
         self._recover_round()
@@ -242,8 +243,23 @@ class Coordinator:
             )
             self._tokens = {d: n for d, n in self._tokens.items() if n.id != node.id}
             self._tokens[token_digest(token)] = node
+            self._by_organisation[node.organisation] = node
         self.log(f"node {node.id} joined for {organisation!r}")
         return node, token
+
+    def node_of_organisation(self, organisation: str) -> NodeRow:
+        """The node a certified organisation registered with Join."""
+        with self._lock:
+            node = self._by_organisation.get(organisation)
+            if node is None:
+                nodes = self._store_call(self.store.nodes, self.federation_id)
+                node = next((n for n in nodes if n.organisation == organisation), None)
+                if node is None:
+                    raise Unauthenticated(
+                        f"organisation {organisation!r} has not joined: call Join first"
+                    )
+                self._by_organisation[organisation] = node
+            return node
 
     def authenticate(self, token: str) -> NodeRow:
         digest = token_digest(token or "")

@@ -17,6 +17,7 @@ from aggregator.rounds import Coordinator
 from aggregator.servicer import FederationServicer
 from aggregator.store import Store
 from protos import federation_pb2_grpc as pb_grpc
+from protos import pki
 
 SERVICE_NAME = "fedpt.v1.Federation"
 
@@ -44,6 +45,7 @@ def start_aggregator(
     config: AggregatorConfig, log: Callable[[str], None] = print
 ) -> RunningAggregator:
     """Open the store, resume or create the federation, and start serving (port 0: any free)."""
+    kit = None if config.server.insecure else pki.load_kit(Path(config.server.kit))
     Path(config.store.state_dir).mkdir(parents=True, exist_ok=True)
     store = Store(config.store.resolved_url())
     try:
@@ -62,10 +64,19 @@ def start_aggregator(
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator, log), server)
+    servicer = FederationServicer(coordinator, log, ca_pem=None if kit is None else kit.ca_pem)
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+    address = f"{config.server.host}:{config.server.port}"
+    if kit is None:
+        log(
+            "WARNING: serving plain text without client certificates (--insecure): any caller can "
+            "join as any organisation and traffic is readable; use a startup kit outside tests"
+        )
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, pki.server_credentials(kit))
     if port == 0:
         coordinator.close()
         store.close()
@@ -73,7 +84,8 @@ def start_aggregator(
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log(f"aggregator listening on {config.server.host}:{port} (insecure: plain text)")
+    security = "plain text" if kit is None else f"mutual TLS, CA of kit {kit.directory}"
+    log(f"aggregator listening on {config.server.host}:{port} ({security})")
     return RunningAggregator(server, coordinator, store, health_servicer, port)
 
 

@@ -9,11 +9,12 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from aggregator.errors import InvalidArgument, Refused, Unauthenticated
+from aggregator.errors import InvalidArgument, PermissionDenied, Refused, Unauthenticated
 from aggregator.rounds import Coordinator
 from aggregator.store import NodeRow
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
+from protos import pki
 from protos.codec import model_stream_messages
 
 SESSION_METADATA = "x-fedpt-session"
@@ -52,10 +53,27 @@ def _answer_refusals_streaming(method: Callable) -> Callable:
 
 
 class FederationServicer(pb_grpc.FederationServicer):
-    def __init__(self, coordinator: Coordinator, log: Callable[[str], None] = print) -> None:
-        self.coordinator, self.log = coordinator, log
+    """With `ca_pem` (mutual TLS) a caller is the organisation its verified client certificate
+    names; without it (--insecure) the session token Join returned."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        log: Callable[[str], None] = print,
+        *,
+        ca_pem: bytes | None = None,
+    ) -> None:
+        self.coordinator, self.log, self.ca_pem = coordinator, log, ca_pem
+
+    def _certified(self, context: grpc.ServicerContext) -> pki.PeerIdentity:
+        try:
+            return pki.caller_organisation(context, self.ca_pem)
+        except pki.PKIError as e:
+            raise Unauthenticated(f"client certificate refused: {e}") from e
 
     def _caller(self, context: grpc.ServicerContext) -> NodeRow:
+        if self.ca_pem is not None:
+            return self.coordinator.node_of_organisation(self._certified(context).organisation)
         token = dict(context.invocation_metadata()).get(SESSION_METADATA)
         if not token:
             raise Unauthenticated(f"missing {SESSION_METADATA} metadata: call Join first")
@@ -68,7 +86,15 @@ class FederationServicer(pb_grpc.FederationServicer):
                         "fedpt_version": caps.fedpt_version}  # fmt: skip
         if len(json.dumps(capabilities)) > 4096:
             raise InvalidArgument("capabilities are too large")
-        node, token = self.coordinator.join(request.organisation, capabilities)
+        organisation = request.organisation
+        if self.ca_pem is not None:
+            certified = self._certified(context).organisation
+            if organisation and organisation != certified:
+                raise PermissionDenied(
+                    f"this certificate belongs to {certified!r}; it cannot join as {organisation!r}"
+                )
+            organisation = certified
+        node, token = self.coordinator.join(organisation, capabilities)
         return pb.JoinReply(node_id=node.id, session_token=token, spec=self.coordinator.spec)
 
     @_answer_refusals

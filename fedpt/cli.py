@@ -37,10 +37,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from node.corpus import DataError
     from node.participant import FederationMismatch, NodeConfigError
     from node.trainer import TrainingError
+    from protos.pki import PKIError
 
     return (*USER_ERRORS, UsageError, DataError, TrainConfigError, TrainingError,
             AggregatorConfigError, RecoveryError, StoreError, OSError, NodeConfigError,
-            FederationMismatch, SimulationError)  # fmt: skip
+            FederationMismatch, SimulationError, PKIError)  # fmt: skip
 
 
 # ---- train ------------------------------------------------------------------------------------
@@ -324,6 +325,7 @@ AGGREGATOR_FLAGS = {
     "round_timeout": ("round", "timeout_seconds", float),
     "outer": ("outer", "name", str),
     "outer_lr": ("outer", "lr", float),
+    "kit": ("server", "kit", str),
 }
 
 
@@ -335,6 +337,9 @@ def add_aggregator_parser(sub: argparse._SubParsersAction) -> None:
         "--config", type=Path, help="aggregator.toml (see README); flags override it"
     )
     serve.add_argument("--preset", help="model preset (overrides [model] preset)")
+    serve.add_argument(
+        "--insecure", action="store_true", help="plain text, no client certificates (tests only)"
+    )
     for flag, (_, _, kind) in AGGREGATOR_FLAGS.items():
         serve.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None)
     serve.set_defaults(func=cmd_aggregator_serve)
@@ -350,6 +355,8 @@ def aggregator_config_from_args(args: argparse.Namespace):
             overrides.setdefault(section, {})[key] = value
     if args.preset:
         overrides.setdefault("model", {})["preset"] = args.preset
+    if args.insecure:
+        overrides.setdefault("server", {})["insecure"] = True
     return load_config(args.config, overrides)
 
 
@@ -362,7 +369,7 @@ def cmd_aggregator_serve(args: argparse.Namespace) -> int:
 
 # ---- node -------------------------------------------------------------------------------------
 NODE_FLAGS = {"aggregator": str, "data": str, "organisation": str, "tokenizer": str, "work_dir": str,
-              "poll_seconds": float, "reconnect_timeout_seconds": float}  # fmt: skip
+              "kit": str, "poll_seconds": float, "reconnect_timeout_seconds": float}  # fmt: skip
 
 
 def add_node_parser(sub: argparse._SubParsersAction) -> None:
@@ -384,13 +391,59 @@ def add_node_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument(
         "--save-deltas", action="store_true", default=None, help="keep every pushed delta"
     )
+    join.add_argument("--insecure", action="store_true", default=None,
+                      help="plain text, no certificates (trusted networks and tests only)")  # fmt: skip
     join.set_defaults(func=cmd_node_join)
+
+
+# ---- certificate authority --------------------------------------------------------------------
+def add_ca_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ca", help="the federation's certificate authority and startup kits")
+    csub = p.add_subparsers(dest="ca_command", required=True, parser_class=OneLineParser)
+    init = csub.add_parser("init", help="create a federation CA (keep ca.key offline)")
+    init.add_argument("--out", required=True, type=Path)
+    init.add_argument("--name", default="fedpt federation CA")
+    init.add_argument("--days", type=int, default=3650)
+    init.set_defaults(func=cmd_ca_init)
+    issue = csub.add_parser("issue", help="a startup kit for one organisation (or the aggregator)")
+    issue.add_argument(
+        "--ca", type=Path, default=Path("ca"), help="the CA folder from `fedpt ca init`"
+    )
+    issue.add_argument(
+        "--org", required=True, help="organisation name (the certificate's identity)"
+    )
+    issue.add_argument("--out", type=Path, help="kit folder (default: kits/ORG)")
+    issue.add_argument("--server-host", action="append", default=[],
+                       help="for the aggregator's kit: a DNS name or IP it is reached at (repeatable)")  # fmt: skip
+    issue.add_argument("--days", type=int, default=825)
+    issue.set_defaults(func=cmd_ca_issue)
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    from protos import pki
+
+    out = pki.init_ca(args.out, args.name, args.days)
+    print(
+        f"CA created in {out}: give {out / pki.CA_CERT} to everyone, keep {out / pki.CA_KEY} offline"
+    )
+    return 0
+
+
+def cmd_ca_issue(args: argparse.Namespace) -> int:
+    from protos import pki
+
+    pki.check_organisation(args.org)
+    out = pki.issue_kit(args.ca, args.org, args.out or Path("kits") / args.org, server_hosts=args.server_host,
+                        days=args.days)  # fmt: skip
+    kind = "server" if args.server_host else "node"
+    print(f"{kind} startup kit for {args.org!r} in {out}: send it to that organisation only")
+    return 0
 
 
 def cmd_node_join(args: argparse.Namespace) -> int:
     from node.participant import load_node_config
 
-    flags = (*NODE_FLAGS, "nproc_per_node", "reset_inner_optimizer", "save_deltas")
+    flags = (*NODE_FLAGS, "nproc_per_node", "reset_inner_optimizer", "save_deltas", "insecure")
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     cfg = load_node_config(args.config, overrides)
     if cfg.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
@@ -466,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_aggregator_parser,
         add_node_parser,
         add_simulate_parser,
+        add_ca_parser,
     ):
         add(sub)
     return parser

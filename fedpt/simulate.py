@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ from node.evaluation import mean_loss
 from node.local_training import cache_dir
 from node.parallel import DistEnv
 from node.shards import TokenShards, prepare_data
+from protos import pki
 
 # The built-in organisations in the order simulated nodes take them (most different first).
 DEFAULT_ORGS = ("web", "systems", "apps", "core", "docs")
@@ -90,7 +92,10 @@ def default_sources(nodes: int) -> list[tuple[str, str]]:
 def named_sources(sources: list[str]) -> list[tuple[str, str]]:
     names = []
     for i, source in enumerate(sources):
-        base = Path(source.replace("builtin:", "")).name or f"node{i}"
+        # Names become certificate identities: letters, digits, '.', '_', '-' only.
+        base = (
+            re.sub(r"[^A-Za-z0-9._-]", "-", Path(source.replace("builtin:", "")).name) or f"node{i}"
+        )
         names.append((base if base not in [n for n, _ in names] else f"{base}-{i}", source))
     return names
 
@@ -102,6 +107,7 @@ def write_aggregator_config(opts: SimulationOptions, run: Path, port: int) -> Pa
 host = "127.0.0.1"
 port = {port}
 long_poll_seconds = 2.0
+kit = "{run / "pki" / "aggregator"}"
 
 [federation]
 name = "simulation"
@@ -159,8 +165,23 @@ class Simulation:
         self.processes.append(proc)
         return proc, log_path
 
+    def _make_pki(self) -> None:
+        """A throwaway federation CA and a startup kit for the aggregator, every node, and this
+        process (whose kit only asks the health service)."""
+        pki_dir = self.run / "pki"
+        pki.init_ca(pki_dir / "ca", "fedpt simulation CA (throwaway)")
+        pki.issue_kit(
+            pki_dir / "ca", "aggregator", pki_dir / "aggregator", server_hosts=["127.0.0.1"]
+        )
+        for name, _ in self.sources:
+            pki.issue_kit(pki_dir / "ca", name, pki_dir / name)
+        self.monitor_kit = pki.load_kit(
+            pki.issue_kit(pki_dir / "ca", "simulator", pki_dir / "simulator")
+        )
+
     def _wait_healthy(self, address: str, proc: subprocess.Popen, log_path: Path) -> None:
-        with grpc.insecure_channel(address) as channel:
+        credentials = pki.channel_credentials(self.monitor_kit)
+        with grpc.secure_channel(address, credentials) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for _ in range(300):
                 if proc.poll() is not None:
@@ -225,6 +246,7 @@ class Simulation:
     def execute(self) -> dict:
         torch.set_num_threads(1)  # the cores belong to the nodes
         val_sets = self._prepare_validation()
+        self._make_pki()
         port = free_port()
         address = f"127.0.0.1:{port}"
         config_path = write_aggregator_config(self.opts, self.run, port)
@@ -234,7 +256,8 @@ class Simulation:
         self._wait_healthy(address, aggregator, agg_log)
         nodes = []
         for name, source in self.sources:
-            args = ["node", "join", "--aggregator", address, "--data", source, "--organisation", name,
+            args = ["node", "join", "--aggregator", address, "--data", source, "--kit", str(self.run / "pki" / name),
+                    "--organisation", name,
                     "--work-dir", str(self.run / "nodes" / name), "--nproc-per-node", str(self.opts.nproc_per_node)]  # fmt: skip
             proc, log_path = self._spawn(args, f"node-{name}")
             nodes.append(NodeProcess(name, source, proc, log_path))

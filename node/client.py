@@ -15,6 +15,7 @@ import torch
 
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
+from protos import pki
 from protos.codec import (
     DEFAULT_CHUNK_BYTES,
     CodecError,
@@ -40,6 +41,7 @@ class AggregatorClient:
         address: str,
         organisation: str,
         *,
+        kit: pki.StartupKit | None = None,
         max_message_bytes: int = 16 << 20,
         rpc_timeout: float = 60.0,
         attempts: int = 5,
@@ -47,13 +49,18 @@ class AggregatorClient:
     ) -> None:
         self.address, self.organisation = address, organisation
         self.rpc_timeout, self.attempts, self.log = rpc_timeout, attempts, log
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        # With a startup kit: mutual TLS, and the organisation is the one its certificate names.
+        if kit is not None:
+            self.organisation = kit.organisation
+            self.channel = grpc.secure_channel(
+                address, pki.channel_credentials(kit), options=options
+            )
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.FederationStub(self.channel)
         self.node_id = ""
         self.spec: pb.FederationSpec | None = None

@@ -36,6 +36,7 @@ from node.metrics import MetricsLog
 from node.parallel import DistEnv, barrier, broadcast_bytes, broadcast_tensors
 from node.trainer import Trainer
 from protos import federation_pb2 as pb
+from protos import pki
 from protos.codec import TensorSpec, specs_of
 
 RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -64,10 +65,18 @@ class NodeConfig:
     poll_seconds: float = 10.0  # long-poll length per GetTask
     reconnect_timeout_seconds: float = 300.0  # give up after the aggregator is away this long
     save_deltas: bool = False  # audit trail: every pushed delta in work_dir/deltas/
+    kit: str = ""  # this organisation's startup kit (`fedpt ca issue`): mutual TLS
+    insecure: bool = (
+        False  # plain text to an --insecure aggregator: trusted networks and tests only
+    )
 
     def __post_init__(self) -> None:
         if not self.data:
             raise NodeConfigError("a node needs --data (its private corpus)")
+        if not self.kit and not self.insecure:
+            raise NodeConfigError(
+                "a node needs --kit (its startup kit) for mutual TLS, or --insecure"
+            )
         if self.nproc_per_node < 1 or self.poll_seconds <= 0 or self.reconnect_timeout_seconds <= 0:
             raise NodeConfigError(
                 "nproc_per_node ≥ 1, poll_seconds > 0, reconnect_timeout_seconds > 0"
@@ -113,7 +122,14 @@ class Participant:
         self.client: AggregatorClient | None = None
         if env.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            self.client = AggregatorClient(cfg.aggregator, cfg.organisation_name, log=self.log)
+            kit = pki.load_kit(Path(cfg.kit)) if cfg.kit else None
+            if kit is None:
+                self.log(
+                    "WARNING: connecting in plain text (--insecure): use a startup kit outside tests"
+                )
+            self.client = AggregatorClient(
+                cfg.aggregator, cfg.organisation_name, kit=kit, log=self.log
+            )
         self.rounds_log = MetricsLog(self.work_dir / "rounds.jsonl" if env.is_main else None)
 
     # ---- set-up -------------------------------------------------------------------------------

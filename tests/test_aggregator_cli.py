@@ -60,7 +60,7 @@ def test_bad_config_names_the_key(raw: dict, words: str) -> None:
 def test_serve_starts_reports_health_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedpt", "aggregator", "serve", "--port", str(port), "--state-dir",
+        [sys.executable, "-m", "fedpt", "aggregator", "serve", "--insecure", "--port", str(port), "--state-dir",
          str(tmp_path / "state"), "--name", "cli-test", "--min-nodes", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip

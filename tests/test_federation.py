@@ -90,7 +90,7 @@ class RecordingProxy:
 def federation(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("federation")
     config = AggregatorConfig(
-        server=ServerConfig(port=0, long_poll_seconds=1.0),
+        server=ServerConfig(port=0, long_poll_seconds=1.0, insecure=True),
         federation=FederationConfig(name="fed-test", rounds=ROUNDS, inner_steps=H),
         model=MODEL,
         train={"micro_batch_size": 4, "seq_len": 32, "warmup_steps": 2},
@@ -109,7 +109,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDPT_CACHE_DIR": str(root / "cache")}
     procs = {}
     for org, port in (("acme", proxy.port), ("globex", agg.port)):
-        cmd = [sys.executable, "-m", "fedpt", "node", "join", "--aggregator", f"127.0.0.1:{port}",
+        cmd = [sys.executable, "-m", "fedpt", "node", "join", "--insecure", "--aggregator", f"127.0.0.1:{port}",
                "--data", str(corpora[org]), "--organisation", org, "--work-dir", str(root / org),
                "--save-deltas", "--poll-seconds", "1"]  # fmt: skip
         procs[org] = subprocess.Popen(
@@ -197,7 +197,7 @@ def test_a_node_waits_for_an_absent_aggregator_and_then_takes_part(tmp_path: Pat
         "PYTHONUNBUFFERED": "1",
         "FEDPT_CACHE_DIR": str(tmp_path / "cache"),
     }
-    cmd = [sys.executable, "-m", "fedpt", "node", "join", "--aggregator", f"127.0.0.1:{port}", "--data",
+    cmd = [sys.executable, "-m", "fedpt", "node", "join", "--insecure", "--aggregator", f"127.0.0.1:{port}", "--data",
            str(corpus), "--work-dir", str(tmp_path / "node"), "--poll-seconds", "1"]  # fmt: skip
     node = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -212,7 +212,7 @@ def test_a_node_waits_for_an_absent_aggregator_and_then_takes_part(tmp_path: Pat
             assert node.poll() is None and time.monotonic() < give_up, "".join(lines)
             time.sleep(0.1)
         config = AggregatorConfig(
-            server=ServerConfig(port=port, long_poll_seconds=1.0),
+            server=ServerConfig(port=port, long_poll_seconds=1.0, insecure=True),
             federation=FederationConfig(name="late", rounds=1, inner_steps=2),
             model=MODEL,
             train={"micro_batch_size": 2, "seq_len": 32, "warmup_steps": 1},
