@@ -21,21 +21,30 @@ READ_BYTES = 4 << 20
 
 
 class StreamingAccumulator:
-    def __init__(self, specs: Iterable[TensorSpec]) -> None:
+    """fp32 mode: Σ weight·values. Modular mode (secure aggregation): Σ values mod 2^32 of
+    masked uint32 updates, exact whatever the order the chunks arrive in; no weights (the nodes
+    weighted their deltas before masking)."""
+
+    def __init__(self, specs: Iterable[TensorSpec], *, modular: bool = False) -> None:
         self.specs = list(specs)
-        if any(s.dtype != "float32" for s in self.specs):
-            raise ValueError("the accumulator sums float32 deltas only")
+        self.modular = modular
+        dtype = "uint32" if modular else "float32"
+        if any(s.dtype != dtype for s in self.specs):
+            raise ValueError(f"this accumulator sums {dtype} tensors only")
         self.num_elements = sum(s.nbytes // 4 for s in self.specs)
-        self._sum = np.zeros(self.num_elements, dtype=np.float32)
+        self._sum = np.zeros(self.num_elements, dtype=np.uint32 if modular else np.float32)
         self.total_weight = 0.0
         self.lock = threading.Lock()  # callers hold it across spool write + add (see uploads.py)
 
     def add(self, byte_offset: int, data: bytes, weight: float) -> None:
         """Add weight · values, for `data` starting at `byte_offset` of a payload. Caller holds `lock`."""
-        values = np.frombuffer(data, dtype="<f4")
         start = byte_offset // 4
+        if self.modular:
+            values = np.frombuffer(data, dtype="<u4")
+            self._sum[start : start + len(values)] += values  # uint32 wraps: arithmetic mod 2^32
+            return
+        values = np.frombuffer(data, dtype="<f4")
         segment = self._sum[start : start + len(values)]
-        # In place, in two steps, so no temporary of the segment's size is kept around.
         segment += values * np.float32(weight)
 
     def add_weight(self, weight: float) -> None:
@@ -53,11 +62,19 @@ class StreamingAccumulator:
                 self.add(offset, data, weight)
                 offset += len(data)
 
+    def modular_sum(self) -> np.ndarray:
+        """A copy of the masked modular sum (to unmask without touching the running sum)."""
+        return self._sum.copy()
+
     def mean(self) -> dict[str, torch.Tensor]:
         """Σ wᵢ·Δᵢ / Σ wᵢ as named tensors (views into one fresh buffer)."""
         if self.total_weight <= 0:
             raise ValueError("no weight accumulated")
-        flat = torch.from_numpy(self._sum / np.float32(self.total_weight))
+        return self.as_tensors(self._sum / np.float32(self.total_weight))
+
+    def as_tensors(self, flat_values: np.ndarray) -> dict[str, torch.Tensor]:
+        """Cut a flat fp32 vector in this accumulator's layout into named tensors."""
+        flat = torch.from_numpy(flat_values)
         out, start = {}, 0
         for spec in self.specs:
             n = spec.nbytes // 4

@@ -64,15 +64,17 @@ class FederationConfig:
     inner_steps: int = 50  # H
     seed: int = 0  # initial global model
     tokenizer: str = ""  # BPE tokenizer JSON (nodes need the same file); empty: byte-level
-    delta_encoding: str = "fp32"
+    delta_encoding: str = "auto"  # auto: secure aggregation (masked-int32) with TLS, fp32 without
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 100:
             raise AggregatorConfigError("[federation] name must be 1 to 100 characters")
         if self.rounds < 0 or self.inner_steps <= 0:
             raise AggregatorConfigError("[federation] rounds must be ≥ 0 and inner_steps > 0")
-        if self.delta_encoding != "fp32":
-            raise AggregatorConfigError("[federation] delta_encoding must be 'fp32' for now")
+        if self.delta_encoding not in ("auto", "fp32", "masked-int32"):
+            raise AggregatorConfigError(
+                "[federation] delta_encoding must be auto, fp32 or masked-int32"
+            )
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,23 @@ class RoundConfig:
         if self.timeout_seconds <= 0 or self.start_grace_seconds < 0:
             raise AggregatorConfigError(
                 "[round] timeout_seconds must be > 0, start_grace_seconds ≥ 0"
+            )
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    clip: float = 1.0  # public bound on each element of a node's weighted delta
+    threshold: int = 0  # Shamir threshold t; 0: ceil(2n/3) of the nodes that advertised keys
+    stage_timeout_seconds: float = 120.0  # deadline of each key / unmask stage
+
+    def __post_init__(self) -> None:
+        if (
+            not (self.clip > 0 and self.clip < 1e6)
+            or self.threshold < 0
+            or self.stage_timeout_seconds <= 0
+        ):
+            raise AggregatorConfigError(
+                "[secagg] clip must be in (0, 1e6), threshold ≥ 0, stage_timeout_seconds > 0"
             )
 
 
@@ -114,9 +133,25 @@ class AggregatorConfig:
     round: RoundConfig = field(default_factory=RoundConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+
+    def __post_init__(self) -> None:
+        if self.federation.delta_encoding == "masked-int32" and self.server.insecure:
+            raise AggregatorConfigError(
+                "secure aggregation (masked-int32) needs mutual TLS: the nodes sign their round keys "
+                "with the identity keys their certificates vouch for"
+            )
+
+    @property
+    def delta_encoding(self) -> str:
+        """The encoding in force: secure aggregation needs identity keys, hence mutual TLS."""
+        chosen = self.federation.delta_encoding
+        if chosen == "auto":
+            return "fp32" if self.server.insecure else "masked-int32"
+        return chosen
 
 
-SECTIONS = ("server", "federation", "model", "train", "round", "outer", "store")
+SECTIONS = ("server", "federation", "model", "train", "round", "outer", "store", "secagg")
 
 
 def config_from_dict(raw: dict) -> AggregatorConfig:
@@ -140,6 +175,7 @@ def config_from_dict(raw: dict) -> AggregatorConfig:
             round=_section(RoundConfig, raw, "round"),
             outer=_section(OuterConfig, raw, "outer"),
             store=_section(StoreConfig, raw, "store"),
+            secagg=_section(SecAggConfig, raw, "secagg"),
         )
     except (ConfigError, OuterConfigError) as e:
         raise AggregatorConfigError(str(e)) from e

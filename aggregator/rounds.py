@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from google.protobuf import json_format
 
@@ -46,6 +47,7 @@ from aggregator.errors import (
     Unavailable,
 )
 from aggregator.outer import OuterConfigError, OuterOptimizer
+from aggregator.secure_aggregation import SecAggRound, Stage
 from aggregator.store import (
     CheckpointRow,
     MetricRow,
@@ -59,8 +61,10 @@ from aggregator.uploads import UploadSession
 from model.gpt import GPT
 from model.io import model_state
 from model.tokenizer import ByteTokenizer, load_tokenizer
+from model.train_config import TrainConfig
 from protos import federation_pb2 as pb
-from protos.codec import CodecError, EncodedPayload, Manifest, encode, specs_of
+from protos import secagg
+from protos.codec import CodecError, EncodedPayload, Manifest, TensorSpec, encode, specs_of
 
 MAX_TOKENS_PER_UPDATE = 10**15
 ORGANISATION_NAME = re.compile(r"^[\w .@:/+-]{1,200}$")
@@ -105,7 +109,7 @@ def build_spec(
         chunk_bytes=config.server.chunk_bytes,
         outer_optimizer=config.outer.name,
         total_rounds=config.federation.rounds,
-        delta_encoding=config.federation.delta_encoding,
+        delta_encoding=config.delta_encoding,
     )
 
 
@@ -133,6 +137,7 @@ class Coordinator:
         self._tokens: dict[str, NodeRow] = {}  # token digest -> node (cache of the store)
         self._by_organisation: dict[str, NodeRow] = {}  # certified organisation -> node
         self._dirty = False  # in-memory outer state may be ahead of the last checkpoint
+        self._secagg: SecAggRound | None = None  # this round's secure aggregation, when on
         self._load_or_create_federation()
         self._recover_round()
         self._stop = threading.Event()
@@ -194,18 +199,38 @@ class Coordinator:
             self.log(f"federation {cfg.federation.name!r} resumed at model version {row.version}")
         self.spec = spec
         self._install_global(params, row.version)
-        self.accumulator = StreamingAccumulator(self.specs)
+        self.accumulator = StreamingAccumulator(self.upload_specs, modular=self.secure)
+
+    @property
+    def secure(self) -> bool:
+        return self.config.delta_encoding == "masked-int32"
 
     def _install_global(self, params: dict[str, torch.Tensor], version: int) -> None:
         self.params, self.version = params, version
         self.payload: EncodedPayload = encode(params, self.config.server.chunk_bytes)
         self.specs = specs_of(params)
+        # With secure aggregation the updates are masked uint32 vectors of the model's shape.
+        dtype = "uint32" if self.secure else "float32"
+        self.upload_specs = [TensorSpec(s.name, s.shape, dtype) for s in self.specs]
+
+    @property
+    def weight_unit(self) -> float:
+        """Tokens of one rank's round: a node sends Δ·num_tokens/weight_unit under secure
+        aggregation, so the masked sum divided by Σ num_tokens/weight_unit is the weighted mean."""
+        t = TrainConfig.from_dict(self.config.train)
+        return float(
+            self.config.federation.inner_steps * t.micro_batch_size * t.grad_accum * t.seq_len
+        )
 
     def _recover_round(self) -> None:
         """Pick the current round up where the last process left it."""
         self.round = self.store.current_round(self.federation_id)
         spool = self._spool_dir(self.round.number)
         if self.round.state not in (*ACCEPTING, RoundState.AGGREGATING):
+            return
+        if self.secure:
+            # The stages' keys and shares lived in the old process: this round cannot finish.
+            self._fail_round("the aggregator restarted during secure aggregation")
             return
         for part in spool.glob("*.part"):  # uploads cut off by the restart: the nodes re-send
             part.unlink()
@@ -292,7 +317,12 @@ class Coordinator:
         r = self.round
         if self.finished:
             return pb.Task(kind=pb.Task.STOP, message="the federation has finished")
-        if r.state in ACCEPTING and node_id in r.participants and node_id not in self._completed:
+        if self._secagg is not None and r.state in ACCEPTING:
+            kind = self._secagg_task(node_id)
+            if kind is not None:
+                return pb.Task(kind=kind, round=r.number, model_version=r.base_version,
+                               deadline_unix=r.deadline_at or 0.0)  # fmt: skip
+        elif r.state in ACCEPTING and node_id in r.participants and node_id not in self._completed:
             return pb.Task(kind=pb.Task.TRAIN, round=r.number, model_version=r.base_version,
                            deadline_unix=r.deadline_at or 0.0)  # fmt: skip
         if r.state == RoundState.OPEN:
@@ -304,6 +334,18 @@ class Coordinator:
             message = f"round {r.number} is running without this node; wait for the next one"
         return pb.Task(kind=pb.Task.WAIT, round=r.number, model_version=self.version,
                        retry_after_seconds=1.0, message=message)  # fmt: skip
+
+    def _secagg_task(self, node_id: str) -> int | None:
+        s = self._secagg
+        if s.stage == Stage.ADVERTISE and node_id in s.participants and node_id not in s.keys:
+            return pb.Task.SECAGG_ADVERTISE_KEYS
+        if s.stage == Stage.SHARE and node_id in s.keys and node_id not in s.shared:
+            return pb.Task.SECAGG_SHARE_KEYS
+        if s.stage == Stage.MASKED_INPUT and node_id in s.shared and node_id not in self._completed:
+            return pb.Task.TRAIN
+        if s.stage == Stage.UNMASK and node_id in s.survivors and node_id not in s.unmask_requests:
+            return pb.Task.SECAGG_UNMASK
+        return None
 
     @property
     def finished(self) -> bool:
@@ -342,6 +384,12 @@ class Coordinator:
             deadline,
         )
         self._quorum_since = None
+        if self.secure:
+            self._secagg = SecAggRound(
+                self.federation_id, self.round.number, tuple(participants), policy.min_nodes,
+                self.config.secagg.clip, self.config.secagg.threshold, self.weight_unit,
+                self.config.secagg.stage_timeout_seconds, now,
+            )  # fmt: skip
         self.log(
             f"round {self.round.number}: training with {len(participants)} node(s) from version {self.version}"
         )
@@ -353,6 +401,9 @@ class Coordinator:
             self._aggregate()
             return
         if r.state not in ACCEPTING:
+            return
+        if self._secagg is not None:
+            self._advance_secagg()
             return
         if set(r.participants) <= set(self._completed):
             self._aggregate()
@@ -369,6 +420,28 @@ class Coordinator:
                     f"quorum not reached: {len(self._completed)} of {self.config.round.min_nodes} uploads by the deadline"
                 )
 
+    def _advance_secagg(self) -> None:
+        s, now = self._secagg, self.clock()
+        failure = s.advance(now)
+        if failure is None and s.stage == Stage.MASKED_INPUT:
+            all_in = set(s.shared) <= set(self._completed)
+            if all_in or now >= (self.round.deadline_at or math.inf):
+                self._drop_sessions()  # stragglers' partial uploads leave the sum
+                failure = s.close_inputs(self._completed, now)
+        if failure is not None:
+            self._fail_round(f"secure aggregation: {failure}")
+        elif s.stage == Stage.READY:
+            self._aggregate()
+        self._changed.notify_all()
+
+    def _unmasked_mean(self) -> dict[str, torch.Tensor]:
+        with self.accumulator.lock:
+            total = self.accumulator.modular_sum()
+        self._secagg.unmask_sum(total)
+        cfg = secagg.QuantizationConfig(clip=self._secagg.clip, scale=self._secagg.scale)
+        weights = self._secagg.total_weight({n: s.num_tokens for n, s in self._completed.items()})
+        return self.accumulator.as_tensors(secagg.dequantize_sum(total, cfg) / np.float32(weights))
+
     def _aggregate(self) -> None:
         r = self.round
         try:
@@ -377,8 +450,11 @@ class Coordinator:
             self._store_call(
                 self.store.set_round_state, self.federation_id, r.number, RoundState.AGGREGATING
             )
-            with self.accumulator.lock:
-                mean_delta = self.accumulator.mean()
+            if self._secagg is not None:
+                mean_delta = self._unmasked_mean()
+            else:
+                with self.accumulator.lock:
+                    mean_delta = self.accumulator.mean()
             new_params = self.outer.step(self.params, mean_delta)
             version = self.version + 1
             record = self.checkpoints.write(
@@ -438,6 +514,7 @@ class Coordinator:
         self._changed.notify_all()
 
     def _end_round(self) -> None:
+        self._secagg = None
         self._completed.clear()
         self._drop_sessions()
         with self.accumulator.lock:
@@ -474,6 +551,34 @@ class Coordinator:
                 session.flush()
                 self.accumulator.add_file(session.part_path, session.weight)
 
+    # ---- secure aggregation stages ------------------------------------------------------------
+    def _secagg_round(self, number: int) -> SecAggRound:
+        if self._secagg is None or number != self.round.number:
+            raise Refused(
+                f"round {number} has no secure aggregation in progress (current round {self.round.number})"
+            )
+        return self._secagg
+
+    def advertise_keys(self, node_id: str, request: pb.AdvertiseKeysRequest, certificate_pem: bytes,
+                       identity) -> None:  # fmt: skip
+        with self._lock:
+            self._secagg_round(request.round).advertise(node_id, request, certificate_pem, identity)
+            self._changed.notify_all()
+
+    def share_keys(self, node_id: str, request: pb.ShareKeysRequest) -> None:
+        with self._lock:
+            self._secagg_round(request.round).share(node_id, request)
+            self._changed.notify_all()
+
+    def secagg_state(self, node_id: str, number: int) -> pb.SecAggState:
+        with self._lock:
+            return self._secagg_round(number).state_for(node_id)
+
+    def unmask(self, node_id: str, request: pb.UnmaskRequest) -> None:
+        with self._lock:
+            self._secagg_round(request.round).unmask(node_id, request)
+            self._changed.notify_all()
+
     # ---- models -------------------------------------------------------------------------------
     def model_payload(self, version: int) -> EncodedPayload:
         with self._lock:
@@ -487,6 +592,8 @@ class Coordinator:
     def begin_upload(self, node_id: str, header: pb.UpdateHeader) -> UploadSession:
         with self._lock:
             r = self._accepting_round(node_id, header.round)
+            if self._secagg is not None:
+                self._secagg.may_upload(node_id)
             if header.base_version != r.base_version:
                 raise InvalidArgument(
                     f"round {r.number} trains from version {r.base_version}, not {header.base_version}"
@@ -500,7 +607,7 @@ class Coordinator:
             try:
                 manifest = Manifest.from_proto(
                     header.manifest,
-                    expected=self.specs,
+                    expected=self.upload_specs,
                     max_total_bytes=self.payload.manifest.total_bytes,
                 )
             except CodecError as e:
@@ -517,7 +624,8 @@ class Coordinator:
                 raise Refused(f"resume this upload from chunk {received}, not {header.first_chunk}")
             if session is None:
                 session = UploadSession(node_id, r.number, manifest, float(header.num_tokens),
-                                        header.train_loss, self._spool_dir(r.number))  # fmt: skip
+                                        header.train_loss, self._spool_dir(r.number),
+                                        check_finite=not self.secure)  # fmt: skip
                 self._sessions[node_id] = session
             session.streaming = True
             return session

@@ -133,6 +133,37 @@ class FederationServicer(pb_grpc.FederationServicer):
             raise
         return self.coordinator.end_upload(session)
 
+    # ---- secure aggregation -------------------------------------------------------------------
+    def _secure_caller(self, context) -> tuple[NodeRow, pki.PeerIdentity]:
+        if self.ca_pem is None:
+            raise Refused("secure aggregation needs mutual TLS; this aggregator runs --insecure")
+        identity = self._certified(context)
+        return self.coordinator.node_of_organisation(identity.organisation), identity
+
+    @_answer_refusals
+    def AdvertiseKeys(self, request: pb.AdvertiseKeysRequest, context) -> pb.StageAck:
+        node, identity = self._secure_caller(context)
+        certificate = pki.caller_certificate(context) or b""
+        self.coordinator.advertise_keys(node.id, request, certificate, identity.identity_public)
+        return pb.StageAck()
+
+    @_answer_refusals
+    def ShareKeys(self, request: pb.ShareKeysRequest, context) -> pb.StageAck:
+        node, _ = self._secure_caller(context)
+        self.coordinator.share_keys(node.id, request)
+        return pb.StageAck()
+
+    @_answer_refusals
+    def GetSecAggState(self, request: pb.SecAggStateRequest, context) -> pb.SecAggState:
+        node, _ = self._secure_caller(context)
+        return self.coordinator.secagg_state(node.id, request.round)
+
+    @_answer_refusals
+    def Unmask(self, request: pb.UnmaskRequest, context) -> pb.StageAck:
+        node, _ = self._secure_caller(context)
+        self.coordinator.unmask(node.id, request)
+        return pb.StageAck()
+
     @_answer_refusals
     def GetUploadStatus(self, request: pb.UploadStatusRequest, context) -> pb.UploadStatus:
         node = self._caller(context)

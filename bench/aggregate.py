@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -60,10 +61,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import median, print_table
-from model.config import ModelConfig, preset
-from node.client import SESSION_METADATA, AggregatorClient
+from model.config import ConfigError, ModelConfig, preset
+from node.client import SESSION_METADATA, AggregatorClient, TransferError
 from protos import federation_pb2 as pb
-from protos.codec import EncodedPayload, encode, update_messages
+from protos.codec import CodecError, EncodedPayload, encode, update_messages
 
 SERVICE_NAME = "fedpt.v1.Federation"
 BYTE_VOCAB = 259  # the byte-level tokenizer the aggregator uses when [federation] has none
@@ -80,7 +81,8 @@ class Trial:
     model_bytes: int
     upload_mbps: float
     pull_mbps: float
-    upload_cpu_s: float  # the aggregator's utime + stime during the upload phase
+    pull_cpu: tuple[float, float]  # CPU seconds (aggregator, clients) during the pull phase
+    upload_cpu: tuple[float, float]  # the same for the upload phase
     commit_s: float  # last upload complete -> a client sees STOP (version 1 committed)
     idle_rss: int
     startup_peak: int  # VmHWM before the first reset: the start-up transient
@@ -94,8 +96,20 @@ class Trial:
 
 
 # ---- the aggregator process -------------------------------------------------------------------
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: [0] is the state, [11] utime, [12] stime."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        fields = ["X"]
+    if fields[0] in "ZX":
+        raise BenchError(f"the aggregator (pid {pid}) has exited")
+    return fields
+
+
 def status_bytes(pid: int, key: str) -> int:
     """A `kB` field of /proc/PID/status (VmRSS, VmHWM) in bytes."""
+    stat_fields(pid)
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
@@ -112,8 +126,27 @@ def reset_peak(pid: int) -> None:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the process, from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuClock:
+    """CPU seconds (utime + stime) spent by the aggregator and by this process since start()."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._start = (0.0, 0.0)
+
+    def _now(self) -> tuple[float, float]:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return cpu_seconds(self.pid), own.ru_utime + own.ru_stime
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def elapsed(self) -> tuple[float, float]:
+        now = self._now()
+        return now[0] - self._start[0], now[1] - self._start[1]
 
 
 def free_port() -> int:
@@ -155,6 +188,7 @@ class AggregatorProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fedpt", "aggregator", "serve", "--config", str(config)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # the log is complete when it is read
         )  # fmt: skip
         self.pid = self.proc.pid
 
@@ -189,7 +223,7 @@ class AggregatorProcess:
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        return "\n".join(text[-lines:]) if text else "(it printed nothing)"
 
 
 # ---- the clients ------------------------------------------------------------------------------
@@ -279,7 +313,9 @@ def trial(model: ModelConfig, nodes: int, args: argparse.Namespace, root: Path) 
             tensors = clients[i].pull_model(tasks[i].model_version)
             return tensors if i == 0 else sum(t.nbytes for t in tensors.values())
 
-        pulled, pull_wall = run_phase(pool, nodes, pull, args.timeout)
+        clock = CpuClock(agg.pid)
+        pulled, pull_wall = run_phase(pool, nodes, pull, args.timeout, clock.start)
+        pull_cpu = clock.elapsed()
         global_model = pulled[0]
         assert isinstance(global_model, dict)
         model_bytes = sum(t.nbytes for t in global_model.values())
@@ -298,14 +334,12 @@ def trial(model: ModelConfig, nodes: int, args: argparse.Namespace, root: Path) 
                                               num_tokens=NUM_TOKENS, train_loss=2.0)  # fmt: skip
             return push_payload(clients[i], tokens[i], tasks[i], payload, args.timeout)
 
-        cpu: list[float] = []
-
         def upload_starts() -> None:
             reset_peak(agg.pid)
-            cpu.append(cpu_seconds(agg.pid))
+            clock.start()
 
         replies, push_wall = run_phase(pool, nodes, push, args.timeout, upload_starts)
-        peak_upload, cpu_after = status_bytes(agg.pid, "VmHWM"), cpu_seconds(agg.pid)
+        peak_upload, upload_cpu = status_bytes(agg.pid, "VmHWM"), clock.elapsed()
         reset_peak(agg.pid)
         pushed_at = time.perf_counter()
         if not all(r.complete for r in replies):
@@ -318,7 +352,8 @@ def trial(model: ModelConfig, nodes: int, args: argparse.Namespace, root: Path) 
             model_bytes=model_bytes,
             upload_mbps=nodes * payload.manifest.total_bytes / push_wall / 1e6,
             pull_mbps=nodes * model_bytes / pull_wall / 1e6,
-            upload_cpu_s=cpu_after - cpu[0],
+            pull_cpu=pull_cpu,
+            upload_cpu=upload_cpu,
             commit_s=commit_s,
             idle_rss=idle_rss,
             startup_peak=startup_peak,
@@ -338,8 +373,68 @@ def trial(model: ModelConfig, nodes: int, args: argparse.Namespace, root: Path) 
 
 
 # ---- main -------------------------------------------------------------------------------------
-def times_model(value: float, model_bytes: float) -> str:
-    return f"{value / model_bytes:.2f}"
+def run_trials(model: ModelConfig, params: int, n: int, args: argparse.Namespace) -> list[Trial]:
+    trials = []
+    for r in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="fedpt-bench-agg-", dir=args.tmp_dir) as tmp:
+            need = (n + 5) * 4 * params  # spool + checkpoints (model + momentum, v0 and v1)
+            if shutil.disk_usage(tmp).free < need:
+                sys.exit(f"bench.aggregate: N={n} needs {need / 1e9:.1f} GB free in {tmp}")
+            started = time.perf_counter()
+            try:
+                trials.append(trial(model, n, args, Path(tmp)))
+            except (BenchError, grpc.RpcError, TransferError, CodecError, TimeoutError,
+                    threading.BrokenBarrierError, OSError) as e:  # fmt: skip
+                why = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.Call) else e
+                sys.exit(f"bench.aggregate: N={n}: {type(e).__name__}: {why}")
+            print(f"  N={n} repeat {r + 1}/{args.repeats}: {time.perf_counter() - started:.1f}s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return trials
+
+
+def summary_rows(n: int, trials: list[Trial]) -> tuple[list, list, list]:
+    """Medians over the repeats: the main row, the memory-by-phase row, the CPU row."""
+
+    def med(f: Callable[[Trial], float]) -> float:
+        return median([f(t) for t in trials])
+
+    mb = trials[0].model_bytes
+
+    def x(f: Callable[[Trial], float]) -> str:  # a median as a multiple of the model
+        return f"{med(f) / mb:.2f}"
+
+    main_row = [n, mb / 1e6, med(lambda t: t.upload_mbps), med(lambda t: t.pull_mbps),
+                med(lambda t: t.upload_cpu[0]), x(lambda t: t.idle_rss), x(lambda t: t.peak),
+                x(lambda t: t.peak - t.idle_rss)]  # fmt: skip
+    memory_row = [n, x(lambda t: t.startup_peak), x(lambda t: t.peak_pull - t.idle_rss),
+                  x(lambda t: t.peak_upload - t.idle_rss), x(lambda t: t.peak_commit - t.idle_rss),
+                  med(lambda t: t.commit_s)]  # fmt: skip
+    cpu_row = [n, med(lambda t: t.pull_cpu[0]), med(lambda t: t.pull_cpu[1]),
+               med(lambda t: t.upload_cpu[0]), med(lambda t: t.upload_cpu[1])]  # fmt: skip
+    return main_row, memory_row, cpu_row
+
+
+def report(results: dict[int, list[Trial]]) -> None:
+    main_rows, memory_rows, cpu_rows = zip(
+        *(summary_rows(n, trials) for n, trials in results.items()), strict=True
+    )
+    print_table(["N", "model MB", "upload MB/s", "pull MB/s", "agg CPU s (upload)",
+                 "idle RSS ×model", "peak RSS ×model", "peak − idle ×model"], list(main_rows))  # fmt: skip
+    print("×model: the aggregator's resident memory divided by the model's fp32 bytes. "
+          "Streaming aggregation should keep peak − idle roughly constant in N (the figure to "
+          "watch); a design that buffers every upload would grow it by ~1×model per node.")  # fmt: skip
+    print()
+    print("where the peak is (×model): the start-up VmHWM (not in the peak above), and peak − idle")
+    print(
+        "per phase (each phase's VmHWM, reset at its start; commit starts at the RSS uploads left)"
+    )
+    print_table(
+        ["N", "start-up peak", "join + pull", "upload", "commit", "commit s"], list(memory_rows)
+    )
+    print()
+    print("CPU seconds per phase: the aggregator process, and the N clients (this process)")
+    print_table(["N", "pull: aggregator", "pull: clients", "upload: aggregator",
+                 "upload: clients"], list(cpu_rows))  # fmt: skip
 
 
 def main() -> None:
@@ -357,65 +452,24 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="limit of every wait (s)")
     parser.add_argument("--tmp-dir", type=Path, default=None, help="where state is spooled")
     args = parser.parse_args()
-    node_counts = [int(n) for n in args.nodes.split(",")]
+    try:
+        node_counts = [int(n) for n in args.nodes.split(",")]
+    except ValueError:
+        parser.error(f"--nodes must be comma-separated integers, got {args.nodes!r}")
     if args.repeats < 1 or min(node_counts) < 1:
         parser.error("--repeats and every --nodes value must be at least 1")
 
-    model = dataclasses.replace(preset("small"), dim=args.dim, n_layers=args.layers,
-                                n_heads=args.heads, ffn_dim=args.ffn_dim)  # fmt: skip
+    try:
+        model = dataclasses.replace(preset("small"), dim=args.dim, n_layers=args.layers,
+                                    n_heads=args.heads, ffn_dim=args.ffn_dim)  # fmt: skip
+    except ConfigError as e:
+        parser.error(str(e))
     params = model.with_vocab(BYTE_VOCAB).num_params()
     print(f"model: {params / 1e6:.2f}M params = {4 * params / 1e6:.1f} MB fp32 (d={args.dim}, "
           f"{args.layers} layers); N = {args.nodes}; {args.repeats} repeat(s); "
           f"{os.cpu_count()} cores; uploads via "
           f"{'push_update' if args.push_update else 'one pre-encoded payload'}", flush=True)  # fmt: skip
-
-    rows, phase_rows = [], []
-    for n in node_counts:
-        trials = []
-        for r in range(args.repeats):
-            with tempfile.TemporaryDirectory(prefix="fedpt-bench-agg-", dir=args.tmp_dir) as tmp:
-                need = (n + 5) * 4 * params  # spool + checkpoints (model + momentum, v0 and v1)
-                if shutil.disk_usage(tmp).free < need:
-                    sys.exit(f"bench.aggregate: N={n} needs {need / 1e9:.1f} GB free in {tmp}")
-                started = time.perf_counter()
-                try:
-                    t = trial(model, n, args, Path(tmp))
-                except (
-                    BenchError,
-                    grpc.RpcError,
-                    TimeoutError,
-                    threading.BrokenBarrierError,
-                    OSError,
-                ) as e:
-                    sys.exit(f"bench.aggregate: N={n}: {type(e).__name__}: {e}")
-                trials.append(t)
-                print(f"  N={n} repeat {r + 1}: {time.perf_counter() - started:.1f}s",
-                      file=sys.stderr)  # fmt: skip
-
-        def med(f: Callable[[Trial], float], ts: list[Trial] = trials) -> float:
-            return median([f(t) for t in ts])
-
-        mb = trials[0].model_bytes
-        idle, peak = med(lambda t: t.idle_rss), med(lambda t: t.peak)
-        rows.append([n, mb / 1e6, med(lambda t: t.upload_mbps), med(lambda t: t.pull_mbps),
-                     med(lambda t: t.upload_cpu_s), times_model(idle, mb), times_model(peak, mb),
-                     times_model(med(lambda t: t.peak - t.idle_rss), mb)])  # fmt: skip
-        phase_rows.append(
-            [n, times_model(med(lambda t: t.startup_peak), mb)]
-            + [times_model(med(lambda t, p=p: getattr(t, p) - t.idle_rss), mb)
-               for p in ("peak_pull", "peak_upload", "peak_commit")]
-            + [med(lambda t: t.commit_s)]
-        )  # fmt: skip
-
-    print_table(["N", "model MB", "upload MB/s", "pull MB/s", "agg CPU s (upload)",
-                 "idle RSS ×model", "peak RSS ×model", "peak − idle ×model"], rows)  # fmt: skip
-    print("×model: the aggregator's resident memory divided by the model's fp32 bytes. "
-          "Streaming aggregation should keep peak − idle roughly constant in N (the figure to "
-          "watch); a design that buffers every upload would grow it by ~1×model per node.")  # fmt: skip
-    print()
-    print("where the peak is (×model): start-up VmHWM, and peak − idle in each phase")
-    print_table(["N", "start-up peak", "join + pull", "upload", "commit", "commit s"],
-                phase_rows)  # fmt: skip
+    report({n: run_trials(model, params, n, args) for n in node_counts})
 
 
 if __name__ == "__main__":

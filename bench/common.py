@@ -1,8 +1,15 @@
-"""Helpers shared by the benchmarks: medians, synthetic token shards, table printing."""
+"""Helpers shared by the benchmarks: medians, synthetic token shards, table printing, and
+running `fedpt` commands as subprocesses and reading what they leave behind."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +58,82 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3f}"
     return str(value)
+
+
+# ---- driving the `fedpt` command (convergence, utilization) -----------------------------------
+class FedptRunError(RuntimeError):
+    """A `fedpt` subprocess failed or ran past its time limit; the message holds its log's tail."""
+
+
+def run_fedpt(
+    args: list[str],
+    log_path: Path,
+    *,
+    cache: Path,
+    timeout: float,
+    ok_codes: tuple[int, ...] = (0,),
+    threads: int | None = None,
+) -> float:
+    """Run `python -m fedpt ARGS` to completion with FEDPT_CACHE_DIR=`cache` and its output in
+    `log_path`; returns its wall seconds. Past `timeout` it gets SIGINT (so `fedpt simulate`
+    stops its aggregator and nodes), then SIGKILL for its process group."""
+    env = {**os.environ, "FEDPT_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "fedpt", *args], stdout=log_file,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise FedptRunError(
+                f"fedpt {' '.join(args)} ran past {timeout:.0f} s:\n{log_tail(log_path)}"
+            ) from None
+    if code not in ok_codes:
+        raise FedptRunError(f"fedpt {' '.join(args)} exited with {code}:\n{log_tail(log_path)}")
+    return time.perf_counter() - start
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def node_round_records(run: Path) -> dict[str, list[dict]]:
+    """Each node's per-round records (node.participant.RoundRecord) from a `fedpt simulate`
+    run folder: {node name: [record, ...]} in round order."""
+    return {
+        folder.name: sorted(read_jsonl(folder / "rounds.jsonl"), key=lambda r: r["round"])
+        for folder in sorted((run / "nodes").iterdir())
+        if (folder / "rounds.jsonl").is_file()
+    }
+
+
+def federation_spec(run: Path, name: str = "simulation") -> dict:
+    """The federation spec (FederationSpec as a dict, proto field names) that `fedpt simulate`
+    stored in its aggregator's database, plus `federation_id`."""
+    from aggregator.store import Store
+
+    store = Store(f"sqlite:///{(run / 'aggregator' / 'fedpt.db').resolve()}")
+    try:
+        found = store.find_federation(name)
+        if found is None:
+            raise FedptRunError(f"no federation {name!r} in {run / 'aggregator' / 'fedpt.db'}")
+        federation_id, spec_json, _ = found
+    finally:
+        store.close()
+    return {**json.loads(spec_json), "federation_id": federation_id}

@@ -87,6 +87,20 @@ class AggregatorClient:
             timeout=wait_seconds + self.rpc_timeout,
         )
 
+    # ---- secure aggregation stages ------------------------------------------------------------
+    def advertise_keys(self, request: pb.AdvertiseKeysRequest) -> None:
+        self.stub.AdvertiseKeys(request, metadata=self._metadata, timeout=self.rpc_timeout)
+
+    def share_keys(self, request: pb.ShareKeysRequest) -> None:
+        self.stub.ShareKeys(request, metadata=self._metadata, timeout=self.rpc_timeout)
+
+    def secagg_state(self, round_number: int) -> pb.SecAggState:
+        request = pb.SecAggStateRequest(round=round_number)
+        return self.stub.GetSecAggState(request, metadata=self._metadata, timeout=self.rpc_timeout)
+
+    def unmask(self, request: pb.UnmaskRequest) -> None:
+        self.stub.Unmask(request, metadata=self._metadata, timeout=self.rpc_timeout)
+
     def upload_status(self, round_number: int) -> pb.UploadStatus:
         return self.stub.GetUploadStatus(
             pb.UploadStatusRequest(round=round_number),

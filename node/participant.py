@@ -34,11 +34,13 @@ from node.client import AggregatorClient
 from node.local_training import load_splits
 from node.metrics import MetricsLog
 from node.parallel import DistEnv, barrier, broadcast_bytes, broadcast_tensors
+from node.secure_aggregation import NodeSecAgg, SecAggRefused
 from node.trainer import Trainer
 from protos import federation_pb2 as pb
 from protos import pki
 from protos.codec import TensorSpec, specs_of
 
+SECAGG_STAGES = (pb.Task.SECAGG_ADVERTISE_KEYS, pb.Task.SECAGG_SHARE_KEYS, pb.Task.SECAGG_UNMASK)
 RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Refusals after which the node simply asks for its next task.
 SKIP_ROUND_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,
@@ -120,9 +122,11 @@ class Participant:
         self.log = log if env.is_main else (lambda _m: None)
         self.work_dir = Path(cfg.work_dir)
         self.client: AggregatorClient | None = None
+        self.kit: pki.StartupKit | None = None
         if env.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             kit = pki.load_kit(Path(cfg.kit)) if cfg.kit else None
+            self.kit = kit
             if kit is None:
                 self.log(
                     "WARNING: connecting in plain text (--insecure): use a startup kit outside tests"
@@ -130,6 +134,7 @@ class Participant:
             self.client = AggregatorClient(
                 cfg.aggregator, cfg.organisation_name, kit=kit, log=self.log
             )
+        self.secagg: NodeSecAgg | None = None
         self.rounds_log = MetricsLog(self.work_dir / "rounds.jsonl" if env.is_main else None)
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -144,6 +149,12 @@ class Participant:
             raw = reply.spec.SerializeToString()
         spec = pb.FederationSpec()
         spec.ParseFromString(broadcast_bytes(raw, self.env))
+        if self.env.is_main and spec.delta_encoding == "masked-int32":
+            if self.kit is None:
+                raise FederationMismatch(
+                    "this federation uses secure aggregation: the node needs its --kit"
+                )
+            self.secagg = NodeSecAgg(self.client, self.kit, spec.federation_id)
         return spec
 
     def _build_trainer(self, spec: pb.FederationSpec) -> Trainer:
@@ -217,6 +228,8 @@ class Participant:
                 if reply.kind in (pb.Task.TRAIN, pb.Task.STOP):
                     task = (reply.kind, reply.round, reply.model_version)
                     break
+                if reply.kind in SECAGG_STAGES:
+                    self._secagg_stage(reply)
         as_tensor = torch.tensor(task, dtype=torch.int64)
         as_bytes = broadcast_bytes(
             as_tensor.numpy().tobytes() if self.env.is_main else None, self.env
@@ -254,6 +267,25 @@ class Participant:
             round_number, version, 0.0, t1 - t0, t2 - t1, t3 - t2, train_loss, tokens, pushed
         )
 
+    def _secagg_stage(self, task: pb.Task) -> None:
+        """A key-exchange or unmasking step (rank 0 only; the other ranks wait for TRAIN)."""
+        if self.secagg is None:
+            raise FederationMismatch(
+                "the aggregator asked for secure aggregation this node was not set up for"
+            )
+        stage = {pb.Task.SECAGG_ADVERTISE_KEYS: self.secagg.advertise, pb.Task.SECAGG_SHARE_KEYS: self.secagg.share,
+                 pb.Task.SECAGG_UNMASK: self.secagg.unmask}[task.kind]  # fmt: skip
+        try:
+            self._reconnecting(lambda: stage(task.round), pb.Task.Kind.Name(task.kind).lower())
+        except SecAggRefused as e:
+            self.log(f"round {task.round}: leaving secure aggregation: {e}")
+        except grpc.RpcError as e:
+            if e.code() not in SKIP_ROUND_CODES:
+                raise
+            self.log(
+                f"round {task.round}: {pb.Task.Kind.Name(task.kind)} not taken ({e.details()})"
+            )
+
     def _pull(self, version: int) -> dict[str, torch.Tensor]:
         if self.env.is_main:
             weights = self._reconnecting(
@@ -272,9 +304,14 @@ class Participant:
             self.log(f"round {round_number}: local training diverged; not sending an update")
             return False
         try:
+            if self.secagg is not None:  # only the masked, quantized update leaves the node
+                delta = self.secagg.mask(round_number, delta, tokens)
             self._reconnecting(
                 lambda: self.client.push_update(round_number, version, delta, tokens, loss), "push"
             )
+        except SecAggRefused as e:
+            self.log(f"round {round_number}: not sending an update: {e}")
+            return False
         except grpc.RpcError as e:
             if e.code() not in SKIP_ROUND_CODES:
                 raise

@@ -206,3 +206,109 @@ class UploadStatus(_message.Message):
     chunks_received: int
     complete: bool
     def __init__(self, chunks_received: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class SignedKeys(_message.Message):
+    __slots__ = ("node_id", "cipher_public", "mask_public", "signature")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    cipher_public: bytes
+    mask_public: bytes
+    signature: bytes
+    def __init__(self, node_id: _Optional[str] = ..., cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AdvertiseKeysRequest(_message.Message):
+    __slots__ = ("round", "keys")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    keys: SignedKeys
+    def __init__(self, round: _Optional[int] = ..., keys: _Optional[_Union[SignedKeys, _Mapping]] = ...) -> None: ...
+
+class EncryptedShare(_message.Message):
+    __slots__ = ("sender", "recipient", "ciphertext")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    recipient: str
+    ciphertext: bytes
+    def __init__(self, sender: _Optional[str] = ..., recipient: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class ShareKeysRequest(_message.Message):
+    __slots__ = ("round", "shares")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    def __init__(self, round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class SecAggStateRequest(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class PeerKeys(_message.Message):
+    __slots__ = ("keys", "certificate_pem", "share_index")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    SHARE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    keys: SignedKeys
+    certificate_pem: bytes
+    share_index: int
+    def __init__(self, keys: _Optional[_Union[SignedKeys, _Mapping]] = ..., certificate_pem: _Optional[bytes] = ..., share_index: _Optional[int] = ...) -> None: ...
+
+class SecAggParams(_message.Message):
+    __slots__ = ("clip", "scale", "threshold", "weight_unit")
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_UNIT_FIELD_NUMBER: _ClassVar[int]
+    clip: float
+    scale: float
+    threshold: int
+    weight_unit: float
+    def __init__(self, clip: _Optional[float] = ..., scale: _Optional[float] = ..., threshold: _Optional[int] = ..., weight_unit: _Optional[float] = ...) -> None: ...
+
+class SecAggState(_message.Message):
+    __slots__ = ("round", "peers", "shares_for_me", "share_holders", "survivors", "dropped", "params")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FOR_ME_FIELD_NUMBER: _ClassVar[int]
+    SHARE_HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    peers: _containers.RepeatedCompositeFieldContainer[PeerKeys]
+    shares_for_me: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    share_holders: _containers.RepeatedScalarFieldContainer[str]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    params: SecAggParams
+    def __init__(self, round: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerKeys, _Mapping]]] = ..., shares_for_me: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ..., share_holders: _Optional[_Iterable[str]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[SecAggParams, _Mapping]] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("about_node", "share")
+    ABOUT_NODE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    about_node: str
+    share: bytes
+    def __init__(self, about_node: _Optional[str] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskRequest(_message.Message):
+    __slots__ = ("round", "self_seed_shares", "mask_key_shares")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SELF_SEED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    self_seed_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    mask_key_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, round: _Optional[int] = ..., self_seed_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., mask_key_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+
+class StageAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

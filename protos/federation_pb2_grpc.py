@@ -59,6 +59,26 @@ class FederationStub:
                 request_serializer=protos_dot_federation__pb2.UploadStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_federation__pb2.UploadStatus.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/fedpt.v1.Federation/AdvertiseKeys',
+                request_serializer=protos_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=protos_dot_federation__pb2.StageAck.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/fedpt.v1.Federation/ShareKeys',
+                request_serializer=protos_dot_federation__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=protos_dot_federation__pb2.StageAck.FromString,
+                _registered_method=True)
+        self.GetSecAggState = channel.unary_unary(
+                '/fedpt.v1.Federation/GetSecAggState',
+                request_serializer=protos_dot_federation__pb2.SecAggStateRequest.SerializeToString,
+                response_deserializer=protos_dot_federation__pb2.SecAggState.FromString,
+                _registered_method=True)
+        self.Unmask = channel.unary_unary(
+                '/fedpt.v1.Federation/Unmask',
+                request_serializer=protos_dot_federation__pb2.UnmaskRequest.SerializeToString,
+                response_deserializer=protos_dot_federation__pb2.StageAck.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -95,9 +115,33 @@ class FederationServicer:
 
     def GetUploadStatus(self, request, context):
         """How much of this node's upload for a round the server holds (to resume a broken push).
-        Secure aggregation (Bonawitz et al. 2017) adds one RPC per stage here: AdvertiseKeys,
-        ShareKeys, Unmask. The task kinds SECAGG_* below already announce those stages.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation (Bonawitz et al. 2017), one RPC per stage; the task kinds SECAGG_* say
+        when. GetSecAggState returns what the current stage has made available to this node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSecAggState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -129,6 +173,26 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetUploadStatus,
                     request_deserializer=protos_dot_federation__pb2.UploadStatusRequest.FromString,
                     response_serializer=protos_dot_federation__pb2.UploadStatus.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=protos_dot_federation__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=protos_dot_federation__pb2.StageAck.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=protos_dot_federation__pb2.ShareKeysRequest.FromString,
+                    response_serializer=protos_dot_federation__pb2.StageAck.SerializeToString,
+            ),
+            'GetSecAggState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSecAggState,
+                    request_deserializer=protos_dot_federation__pb2.SecAggStateRequest.FromString,
+                    response_serializer=protos_dot_federation__pb2.SecAggState.SerializeToString,
+            ),
+            'Unmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmask,
+                    request_deserializer=protos_dot_federation__pb2.UnmaskRequest.FromString,
+                    response_serializer=protos_dot_federation__pb2.StageAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +330,114 @@ class Federation:
             '/fedpt.v1.Federation/GetUploadStatus',
             protos_dot_federation__pb2.UploadStatusRequest.SerializeToString,
             protos_dot_federation__pb2.UploadStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpt.v1.Federation/AdvertiseKeys',
+            protos_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
+            protos_dot_federation__pb2.StageAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpt.v1.Federation/ShareKeys',
+            protos_dot_federation__pb2.ShareKeysRequest.SerializeToString,
+            protos_dot_federation__pb2.StageAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSecAggState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpt.v1.Federation/GetSecAggState',
+            protos_dot_federation__pb2.SecAggStateRequest.SerializeToString,
+            protos_dot_federation__pb2.SecAggState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpt.v1.Federation/Unmask',
+            protos_dot_federation__pb2.UnmaskRequest.SerializeToString,
+            protos_dot_federation__pb2.StageAck.FromString,
             options,
             channel_credentials,
             insecure,

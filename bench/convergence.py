@@ -1,0 +1,304 @@
+"""Federated vs centralized vs each organisation alone: held-out perplexity for the same tokens.
+
+Three ways to spend the same training budget on N built-in organisations (web, systems, apps,
+core by default; one federation node each), every run a real `fedpt` command in a subprocess:
+
+  federated     `fedpt simulate --nodes N --rounds R --inner-steps H --outer O`: an aggregator
+                and N node processes on 127.0.0.1; each node trains R×H inner steps on its own
+                organisation's text. Tokens = N × R × H × tokens per step (read back from the
+                nodes' rounds.jsonl). Scored: the last committed global checkpoint.
+  centralized   `fedpt train --data builtin:ORG1,ORG2,... --steps N×R×H`: one model on the union
+                of the organisations' text, the same total tokens.
+  alone:ORG     `fedpt train --data builtin:ORG --steps R×H`: one organisation on its own, the
+                tokens it contributed to the federation.
+
+The train runs get the federation's own model and inner-loop settings (micro batch, sequence
+length, lr, warmup, decay, clipping, read from the spec in the aggregator's database) through a
+--config TOML, so only the data, the step count and the seed differ. Each node's lr schedule
+spans its R×H steps, the same as alone:ORG; centralized's spans N×R×H steps.
+
+Held-out evaluation is one fixed set for every model: the validation split of each organisation
+(per-document hash split, never trained on), the first --eval-batches × --eval-batch-size
+windows of 128 tokens of each (node.evaluation.mean_loss). Perplexity per organisation is
+exp(mean loss); the mean column is exp(mean over organisations of the mean loss). The untrained
+initial model (federation seed) is scored too, for scale.
+
+Packing the corpus into token shards is done once, before the clock starts, into
+--cache-dir (default $FEDPT_CACHE_DIR or fedpt's default cache), which every run then reads.
+
+    python -m bench.convergence [--nodes 4] [--rounds 6] [--inner-steps 50] [--outer nesterov]
+                                [--outer-lr LR] [--seed 0] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from aggregator.checkpoints import CheckpointStore
+from aggregator.store import Store
+from bench.common import (
+    federation_spec,
+    median,
+    node_round_records,
+    print_table,
+    run_fedpt,
+)
+from model.config import ModelConfig
+from model.gpt import GPT
+from model.io import load_model, load_weights_into
+from model.tokenizer import ByteTokenizer
+from model.train_config import TrainConfig
+from node.builtin_corpus import list_organisations
+from node.evaluation import mean_loss
+from node.local_training import cache_dir
+from node.parallel import DistEnv
+from node.shards import TokenShards, prepare_data
+
+EVAL_SEQ_LEN = 128
+
+
+@dataclass
+class Contender:
+    name: str
+    trained_on: str
+    tokens: int
+    seconds: float
+    model: torch.nn.Module
+    losses: dict[str, float] = field(default_factory=dict)  # organisation -> held-out loss
+
+    def mean_loss(self, orgs: list[str]) -> float:
+        return sum(self.losses[o] for o in orgs) / len(orgs)
+
+
+def federation_orgs(nodes: int) -> list[str]:
+    """The built-in organisations `fedpt simulate --nodes N` gives its nodes, in node order."""
+    from fedpt.simulate import DEFAULT_ORGS
+
+    orgs = [o for o in DEFAULT_ORGS if o in list_organisations()]
+    if not 1 <= nodes <= len(orgs):
+        raise SystemExit(f"--nodes must be 1..{len(orgs)}: one built-in organisation per node")
+    return orgs[:nodes]
+
+
+def toml_table(name: str, values: dict) -> str:
+    """A flat TOML table (numbers, bools, strings); None values are left out (the default)."""
+    lines = [f"[{name}]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def write_train_config(path: Path, model_config: ModelConfig, train_config: TrainConfig) -> Path:
+    """The federation's model and inner-loop settings as a `fedpt train --config` file."""
+    path.write_text(
+        toml_table("model", model_config.to_dict())
+        + "\n"
+        + toml_table("train", train_config.to_dict())
+    )
+    return path
+
+
+def federated_model(run: Path) -> tuple[GPT, ModelConfig, TrainConfig, int, int]:
+    """(the last committed global model, model config, inner TrainConfig, its version, rounds
+    committed) of a finished `fedpt simulate` run."""
+    spec = federation_spec(run)
+    model_config = ModelConfig.from_dict(json.loads(spec["model_config_json"]))
+    train_config = TrainConfig.from_dict(json.loads(spec.get("train_config_json") or "{}"))
+    store = Store(f"sqlite:///{(run / 'aggregator' / 'fedpt.db').resolve()}")
+    try:
+        latest = store.latest_checkpoint(spec["federation_id"])
+        committed = sum(r.state == "COMMITTED" for r in store.rounds(spec["federation_id"]))
+    finally:
+        store.close()
+    params, _, _ = CheckpointStore(run / "aggregator" / "checkpoints").read(
+        latest.version, latest.sha256
+    )
+    model = GPT(model_config)
+    load_weights_into(model, params, source=f"global model v{latest.version}")
+    return model.eval(), model_config, train_config, latest.version, committed
+
+
+def held_out_sets(orgs: list[str], cache: Path) -> dict[str, TokenShards]:
+    return {
+        o: TokenShards(prepare_data(f"builtin:{o}", ByteTokenizer(), cache)[0] / "val")
+        for o in orgs
+    }
+
+
+def score(
+    model: torch.nn.Module, val: dict[str, TokenShards], batches: int, batch_size: int
+) -> dict[str, float]:
+    losses = {}
+    for org, data in val.items():
+        loss = mean_loss(model, data, seq_len=EVAL_SEQ_LEN, batch_size=batch_size,
+                         max_batches=batches, env=DistEnv())  # fmt: skip
+        if loss is None:
+            raise SystemExit(f"the validation split of {org} has no {EVAL_SEQ_LEN}-token window")
+        losses[org] = loss
+    return losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--nodes", type=int, default=4, help="N: one built-in organisation each")
+    parser.add_argument("--rounds", type=int, default=6, help="R: federation rounds")
+    parser.add_argument("--inner-steps", type=int, default=50, help="H: inner steps per round")
+    parser.add_argument("--outer", choices=("fedavg", "nesterov", "adam"), default="nesterov")
+    parser.add_argument("--outer-lr", type=float, default=None, help="default: the optimizer's")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--seed", type=int, default=0, help="initial model (all runs), data order (train runs)")  # fmt: skip
+    parser.add_argument("--eval-batches", type=int, default=32, help="held-out batches per organisation")  # fmt: skip
+    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, help="keep the run folders here (default: a temp dir)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="token shard cache (default: $FEDPT_CACHE_DIR or ~/.cache/fedpt/shards)")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per fedpt command")
+    args = parser.parse_args()
+    if min(args.rounds, args.inner_steps, args.eval_batches, args.eval_batch_size) < 1:
+        raise SystemExit("--rounds, --inner-steps and the eval sizes must be at least 1")
+
+    orgs = federation_orgs(args.nodes)
+    cache = (args.cache_dir or cache_dir()).resolve()
+    steps_alone = args.rounds * args.inner_steps
+    steps_union = args.nodes * steps_alone
+    union = "builtin:" + ",".join(orgs)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedpt-convergence-") as tmp:
+        root = args.out or Path(tmp)
+        if root.exists() and any(root.iterdir()):
+            raise SystemExit(f"{root} is not empty; choose another --out")
+        root.mkdir(parents=True, exist_ok=True)
+
+        t0 = time.perf_counter()
+        for source in (*[f"builtin:{o}" for o in orgs], union):
+            prepare_data(source, ByteTokenizer(), cache)
+        val = held_out_sets(orgs, cache)
+        print(f"data: {len(orgs)} organisations and their union packed/found in {cache} "
+              f"({time.perf_counter() - t0:.1f} s, not counted below)")  # fmt: skip
+
+        # ---- federated ----------------------------------------------------------------------
+        fed_run = root / "federated"
+        sim_args = ["simulate", "--nodes", str(args.nodes), "--rounds", str(args.rounds),
+                    "--inner-steps", str(args.inner_steps), "--outer", args.outer, "--preset", args.preset,
+                    "--seed", str(args.seed), "--out", str(fed_run)]  # fmt: skip
+        if args.outer_lr is not None:
+            sim_args += ["--outer-lr", str(args.outer_lr)]
+        print(f"running fedpt {' '.join(sim_args)}", flush=True)
+        # exit status 1: the run finished but the global validation loss did not fall
+        fed_seconds = run_fedpt(sim_args, root / "logs" / "federated.log", cache=cache,
+                                timeout=args.timeout, ok_codes=(0, 1))  # fmt: skip
+        fed_model, model_config, train_config, version, committed = federated_model(fed_run)
+        records = node_round_records(fed_run)
+        fed_tokens = sum(r["tokens"] for rs in records.values() for r in rs if r["pushed"])
+        tokens_per_step = train_config.tokens_per_step(1)
+        if fed_tokens != steps_union * tokens_per_step:
+            print(
+                f"  note: expected N x R x H x tokens/step = {steps_union * tokens_per_step:,} tokens"
+            )
+        print(f"  {fed_seconds:.1f} s; {committed} of {args.rounds} rounds committed, scoring global "
+              f"model v{version}; {fed_tokens:,} tokens pushed by {len(records)} nodes")  # fmt: skip
+
+        # ---- centralized and alone: the federation's settings, other data and step counts ---
+        config_path = write_train_config(root / "train.toml", model_config, train_config)
+        contenders = []
+        rng_state = torch.random.get_rng_state()
+        torch.manual_seed(args.seed)  # the aggregator builds the initial model the same way
+        contenders.append(Contender("untrained", "-", 0, 0.0, GPT(model_config).eval()))
+        torch.random.set_rng_state(rng_state)
+        how = f"{args.nodes} nodes x {args.rounds} rounds x H={args.inner_steps}, {args.outer}"
+        contenders.append(Contender("federated", how, fed_tokens, fed_seconds, fed_model))
+        jobs = [("centralized", union, steps_union)]
+        jobs += [(f"alone:{o}", f"builtin:{o}", steps_alone) for o in orgs]
+        for name, data, steps in jobs:
+            out = root / name.replace(":", "-")
+            train_args = ["train", "--config", str(config_path), "--data", data, "--steps", str(steps),
+                          "--seed", str(args.seed), "--out", str(out)]  # fmt: skip
+            print(f"running fedpt {' '.join(train_args)}", flush=True)
+            seconds = run_fedpt(train_args, root / "logs" / f"{out.name}.log", cache=cache,
+                                timeout=args.timeout)  # fmt: skip
+            summary = json.loads((out / "summary.json").read_text())
+            model, _ = load_model(out / "model.safetensors")
+            print(f"  {seconds:.1f} s; {summary['tokens_seen']:,} tokens")
+            how = f"{data.removeprefix('builtin:')}, {steps} steps"
+            contenders.append(Contender(name, how, summary["tokens_seen"], seconds, model))
+
+        t0 = time.perf_counter()
+        for c in contenders:
+            c.losses = score(c.model, val, args.eval_batches, args.eval_batch_size)
+        eval_seconds = time.perf_counter() - t0
+        windows = {o: min(v.num_windows(EVAL_SEQ_LEN), args.eval_batches * args.eval_batch_size)
+                   for o, v in val.items()}  # fmt: skip
+        if args.out is not None:
+            print(f"run folders kept in {root}")
+
+    # ---- report ---------------------------------------------------------------------------------
+    print()
+    print(f"preset {args.preset} ({model_config.num_params() / 1e6:.2f}M params), "
+          f"{tokens_per_step:,} tokens/step (micro batch {train_config.micro_batch_size} x grad accum "
+          f"{train_config.grad_accum} x seq {train_config.seq_len}), inner lr {train_config.lr:g}, "
+          f"warmup {train_config.warmup_steps}, cosine to {train_config.min_lr_ratio:g}x")  # fmt: skip
+    print(f"budget: N x R x H x tokens/step = {args.nodes} x {args.rounds} x {args.inner_steps} x "
+          f"{tokens_per_step:,} = {steps_union * tokens_per_step:,} tokens")  # fmt: skip
+    print("held-out: validation split of each organisation, "
+          + ", ".join(f"{o} {n} windows" for o, n in windows.items())
+          + f" of {EVAL_SEQ_LEN} tokens; ppl = exp(mean loss); mean = exp(mean of the per-org losses)")  # fmt: skip
+    print()
+    header = ["model", "trained on", "tokens", "wall s", *[f"ppl {o}" for o in orgs], "mean ppl"]
+    rows = []
+    for c in contenders:
+        rows.append([c.name, c.trained_on, f"{c.tokens:,}", f"{c.seconds:.1f}",
+                     *[f"{math.exp(c.losses[o]):.3f}" for o in orgs], f"{math.exp(c.mean_loss(orgs)):.3f}"])  # fmt: skip
+    print_table(header, rows)
+
+    by_name = {c.name: c for c in contenders}
+    fed, central = by_name["federated"], by_name["centralized"]
+    ratio = math.exp(fed.mean_loss(orgs)) / math.exp(central.mean_loss(orgs))
+    print()
+    print(f"federated / centralized mean perplexity: {ratio:.3f} "
+          f"(lower is better; 1.0 = parity; mean loss {fed.mean_loss(orgs):.4f} vs {central.mean_loss(orgs):.4f})")  # fmt: skip
+    per_org = [math.exp(fed.losses[o] - central.losses[o]) for o in orgs]
+    print("per organisation federated/centralized: "
+          + ", ".join(f"{o} {r:.3f}" for o, r in zip(orgs, per_org, strict=True))
+          + f" (median {median(per_org):.3f})")  # fmt: skip
+
+    print()
+    print("does the federation beat training alone? (perplexity; 'others' = mean over the other organisations)")  # fmt: skip
+    rows, wins = [], 0
+    for o in orgs:
+        alone = by_name[f"alone:{o}"]
+        others = [x for x in orgs if x != o]
+        own_a, own_f = math.exp(alone.losses[o]), math.exp(fed.losses[o])
+        oth_a = math.exp(alone.mean_loss(others)) if others else math.nan
+        oth_f = math.exp(fed.mean_loss(others)) if others else math.nan
+        better = oth_f < oth_a
+        wins += better
+        rows.append([o, f"{own_a:.3f}", f"{own_f:.3f}", f"{oth_a:.3f}", f"{oth_f:.3f}",
+                     "yes" if better else "no", "yes" if own_f < own_a else "no"])  # fmt: skip
+    print_table(
+        ["org", "alone own", "fed own", "alone others", "fed others", "fed better on others", "fed better on own"],
+        rows,
+    )  # fmt: skip
+    print(
+        f"federation beat training alone on the other organisations' data for {wins} of {len(orgs)}"
+    )
+
+    total = time.perf_counter() - started
+    print()
+    print(f"wall time: federated {fed_seconds:.1f} s, centralized {central.seconds:.1f} s, alone "
+          f"{sum(by_name[f'alone:{o}'].seconds for o in orgs):.1f} s in all, held-out scoring {eval_seconds:.1f} s; "
+          f"bench total {total:.1f} s")  # fmt: skip
+    print("notes: every node process runs 1 thread and the N nodes share this machine's cores; "
+          "fedpt train uses all cores. Centralized takes N x R x H optimizer steps, a node R x H: "
+          "same tokens, N times the sequential updates.")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""A node's side of secure aggregation (Bonawitz et al. 2017): the aggregator only ever sees
+this node's delta masked, and only the sum of all survivors' deltas unmasked.
+
+Per round: advertise two fresh X25519 public keys signed with the organisation's Ed25519
+identity key; check every peer's certificate (against the federation CA) and signature; send
+each peer an encrypted Shamir share of this node's self-mask seed and mask private key; mask the
+quantized, weighted delta with the self mask and one pairwise mask per peer; finally reveal, for
+each survivor, its self-seed share and, for each node that dropped, its mask-key share — never
+both for the same node, which would unmask that node alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from protos import federation_pb2 as pb
+from protos import pki, secagg
+
+
+class SecAggRefused(RuntimeError):
+    """This node will not go on with the round: a peer's key or certificate does not verify,
+    or the aggregator asked for something the protocol forbids."""
+
+
+@dataclass
+class RoundSecrets:
+    cipher_private: bytes
+    mask_private: bytes
+    self_seed: bytes = b""
+    peers: dict[str, pb.SignedKeys] = field(default_factory=dict)
+    shares_for_me: list[pb.EncryptedShare] = field(default_factory=list)
+
+
+class NodeSecAgg:
+    def __init__(self, client, kit: pki.StartupKit, federation_id: str) -> None:
+        self.client, self.kit, self.federation_id = client, kit, federation_id
+        self.rounds: dict[int, RoundSecrets] = {}
+
+    @property
+    def node_id(self) -> str:
+        return self.client.node_id
+
+    def advertise(self, round_number: int) -> None:
+        cipher_private, cipher_public = secagg.generate_x25519()
+        mask_private, mask_public = secagg.generate_x25519()
+        message = secagg.keys_message(
+            self.federation_id, round_number, self.node_id, cipher_public, mask_public
+        )
+        keys = pb.SignedKeys(node_id=self.node_id, cipher_public=cipher_public, mask_public=mask_public,
+                             signature=secagg.sign(self.kit.identity_key, message))  # fmt: skip
+        self.rounds = {
+            round_number: RoundSecrets(cipher_private, mask_private)
+        }  # older rounds are over
+        self.client.advertise_keys(pb.AdvertiseKeysRequest(round=round_number, keys=keys))
+
+    def _verified_peers(self, round_number: int, state: pb.SecAggState) -> dict[str, pb.PeerKeys]:
+        peers, organisations = {}, set()
+        for peer in state.peers:
+            keys = peer.keys
+            try:
+                identity = pki.verify_certificate(peer.certificate_pem, self.kit.ca_pem)
+                message = secagg.keys_message(self.federation_id, round_number, keys.node_id,
+                                              keys.cipher_public, keys.mask_public)  # fmt: skip
+                secagg.verify(identity.identity_public, message, keys.signature)
+            except (pki.PKIError, secagg.SecAggError) as e:
+                raise SecAggRefused(f"peer {keys.node_id}'s round keys do not verify: {e}") from e
+            if identity.organisation in organisations or keys.node_id in peers:
+                raise SecAggRefused(
+                    f"organisation {identity.organisation} appears twice among the peers"
+                )
+            organisations.add(identity.organisation)
+            peers[keys.node_id] = peer
+        mine = self.rounds[round_number]
+        own = peers.get(self.node_id)
+        if own is None or own.keys.mask_public != secagg.x25519_public(mine.mask_private):
+            raise SecAggRefused("the aggregator did not relay this node's own keys faithfully")
+        return peers
+
+    def share(self, round_number: int) -> None:
+        mine = self._secrets(round_number)
+        state = self.client.secagg_state(round_number)
+        peers = self._verified_peers(round_number, state)
+        mine.peers = {n: p.keys for n, p in peers.items()}
+        threshold = state.params.threshold
+        xs = [p.share_index for p in peers.values()]
+        mine.self_seed = secagg.new_self_seed()
+        seed_shares = secagg.split_secret(mine.self_seed, xs, threshold)
+        key_shares = secagg.split_secret(mine.mask_private, xs, threshold)
+        request = pb.ShareKeysRequest(round=round_number)
+        for node_id, peer in peers.items():
+            bundle = secagg.pack_share_bundle(
+                seed_shares[peer.share_index], key_shares[peer.share_index]
+            )
+            key = self._share_key(
+                mine, peer.keys.cipher_public, round_number, self.node_id, node_id
+            )
+            blob = secagg.encrypt_share_bundle(
+                key, self.federation_id, round_number, self.node_id, node_id, bundle
+            )
+            request.shares.add(sender=self.node_id, recipient=node_id, ciphertext=blob)
+        self.client.share_keys(request)
+
+    def _share_key(self, mine: RoundSecrets, peer_cipher_public: bytes, round_number: int,
+                   sender: str, recipient: str) -> bytes:  # fmt: skip
+        shared = secagg.x25519_shared(mine.cipher_private, peer_cipher_public)
+        return secagg.share_key(shared, self.federation_id, round_number, sender, recipient)
+
+    def mask(
+        self, round_number: int, delta: Mapping[str, torch.Tensor], num_tokens: int
+    ) -> dict[str, torch.Tensor]:
+        """The quantized, weighted, masked update to push instead of `delta`."""
+        mine = self._secrets(round_number)
+        state = self.client.secagg_state(round_number)
+        holders = list(state.share_holders)
+        if self.node_id not in holders:
+            raise SecAggRefused(
+                "this node's shares were not accepted; it cannot take part in this round"
+            )
+        mine.shares_for_me = list(state.shares_for_me)
+        pair_seeds = {}
+        for peer in holders:
+            if peer != self.node_id:
+                shared = secagg.x25519_shared(mine.mask_private, mine.peers[peer].mask_public)
+                pair_seeds[peer] = secagg.pairwise_seed(
+                    shared, self.federation_id, round_number, self.node_id, peer
+                )
+        params = state.params
+        weight = num_tokens / params.weight_unit
+        flat = torch.cat([t.reshape(-1).float() for t in delta.values()]).numpy() * np.float32(
+            weight
+        )
+        cfg = secagg.QuantizationConfig(clip=params.clip, scale=params.scale)
+        masked = secagg.quantize(flat, cfg, np.random.default_rng())
+        secagg.mask_chunk(masked, 0, mine.self_seed, pair_seeds, self.node_id)
+        out, start = {}, 0
+        values = torch.from_numpy(masked)
+        for name, tensor in delta.items():
+            n = tensor.numel()
+            out[name] = values[start : start + n].view(tensor.shape)
+            start += n
+        return out
+
+    def unmask(self, round_number: int) -> None:
+        mine = self._secrets(round_number)
+        state = self.client.secagg_state(round_number)
+        survivors, dropped = set(state.survivors), set(state.dropped)
+        if survivors & dropped:
+            raise SecAggRefused("the aggregator asked for both shares of the same node")
+        request = pb.UnmaskRequest(round=round_number)
+        for share in mine.shares_for_me:
+            sender = share.sender
+            if sender not in survivors and sender not in dropped:
+                continue
+            key = self._share_key(
+                mine, mine.peers[sender].cipher_public, round_number, sender, self.node_id
+            )
+            try:
+                bundle = secagg.decrypt_share_bundle(key, self.federation_id, round_number, sender, self.node_id,
+                                                     share.ciphertext)  # fmt: skip
+            except secagg.SecAggError as e:
+                raise SecAggRefused(f"the share from {sender} does not decrypt: {e}") from e
+            seed_share, key_share = secagg.unpack_share_bundle(bundle)
+            if sender in survivors:
+                request.self_seed_shares.add(about_node=sender, share=seed_share)
+            else:
+                request.mask_key_shares.add(about_node=sender, share=key_share)
+        self.client.unmask(request)
+        del self.rounds[round_number]  # answer at most once per round
+
+    def _secrets(self, round_number: int) -> RoundSecrets:
+        mine = self.rounds.get(round_number)
+        if mine is None:
+            raise SecAggRefused(f"this node holds no keys for round {round_number} (it restarted?)")
+        return mine
