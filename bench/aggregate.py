@@ -2,7 +2,8 @@
 MB/s received, and the aggregator's peak memory as a multiple of the model size.
 
 For each N, a real aggregator runs as its own process (`python -m fedpt aggregator serve`,
-plain text on 127.0.0.1, one round with exactly N nodes, Nesterov outer step) with a model of
+plain text on 127.0.0.1 with fp32 deltas, i.e. `insecure = true` and no secure aggregation; one
+round with exactly N nodes, Nesterov outer step) with a model of
 about 50M parameters (--dim/--layers/--heads/--ffn-dim change it). N clients in this process,
 one thread each, join and long-poll until each has its TRAIN task. Then, each phase starting
 on a barrier so the N transfers overlap:
@@ -21,13 +22,15 @@ on a barrier so the N transfers overlap:
 
 Memory is read from /proc/PID of the aggregator process only (the clients live here):
   idle RSS   VmRSS once it serves and before any node joins: interpreter, torch, gRPC, global
-             model, outer state (momentum), the accumulator, the encoded model for pulls
+             model, outer state (Nesterov momentum), the accumulator
   peak RSS   VmHWM from then until version 1 is committed; it is reset (/proc/PID/clear_refs)
              at each phase's start, so the start-up transient is left out and the peak of each
              phase is known
   ×model     divided by the model's fp32 bytes
-The aggregator's CPU time (utime + stime) is read over the upload phase. With --repeats R
-each N runs R times, each with a fresh aggregator; medians are quoted.
+CPU time (utime + stime) is read over the pull and upload phases, for the aggregator and for
+this process (the N clients): it says which side a transfer rate is bound by. How much of an
+upload the aggregator buffers depends on timing, so the upload peak varies between runs:
+--repeats R runs each N R times, each with a fresh aggregator, and quotes medians.
 
     python -m bench.aggregate [--nodes 2,8,32] [--repeats 1] [--dim 1024 --layers 4]
 
@@ -167,9 +170,11 @@ def write_config(path: Path, model: ModelConfig, nodes: int, port: int, state_di
     fields = dataclasses.asdict(model)
     del fields["vocab_size"]  # the aggregator sets it from the tokenizer
     sections = {
+        # Plain text and fp32 deltas: the streaming path this bench measures (mutual TLS and
+        # secure aggregation's masked-int32 uploads are not measured here).
         "server": {"host": "127.0.0.1", "port": port, "long_poll_seconds": 2.0,
-                   "max_workers": max(64, 2 * nodes + 8)},
-        "federation": {"name": "bench-aggregate", "rounds": 1},
+                   "max_workers": max(64, 2 * nodes + 8), "insecure": True},
+        "federation": {"name": "bench-aggregate", "rounds": 1, "delta_encoding": "fp32"},
         "model": {k: v for k, v in fields.items() if v is not None},
         "round": {"min_nodes": nodes, "max_nodes": nodes, "timeout_seconds": 600.0,
                   "start_grace_seconds": 0.5},
@@ -243,7 +248,11 @@ def run_phase(
         return result
 
     futures: list[Future[T]] = [pool.submit(timed, i) for i in range(n)]
-    before_start()
+    try:
+        before_start()
+    except BaseException:
+        barrier.abort()  # release the workers now, not after `timeout`
+        raise
     with contextlib.suppress(threading.BrokenBarrierError):  # a worker failed: its future says why
         barrier.wait(timeout)
     give_up = time.monotonic() + timeout

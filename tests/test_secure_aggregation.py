@@ -1,0 +1,297 @@
+"""Secure aggregation and mutual TLS over a real aggregator on 127.0.0.1: each node is a real
+gRPC client with its own startup kit, driven through the protocol stages by a thread. Dropouts
+at every stage, aborts below the threshold, forged keys, replays, foreign certificates and
+identity claims."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from aggregator.config import (
+    AggregatorConfig,
+    FederationConfig,
+    RoundConfig,
+    SecAggConfig,
+    ServerConfig,
+    StoreConfig,
+)
+from aggregator.outer import OuterConfig
+from aggregator.server import RunningAggregator, start_aggregator
+from model.config import ModelConfig
+from node.client import AggregatorClient
+from node.secure_aggregation import NodeSecAgg
+from protos import federation_pb2 as pb
+from protos import pki, secagg
+
+MODEL = ModelConfig(dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=16)
+N, THRESHOLD = 5, 3
+ORGS = [f"org{i}" for i in range(N)]
+TRAIN = {"micro_batch_size": 2, "seq_len": 16}
+INNER_STEPS = 1
+UNIT = INNER_STEPS * 2 * 16  # weight_unit: tokens of one rank's round
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pki.StartupKit]:
+    root = tmp_path_factory.mktemp("pki")
+    pki.init_ca(root / "ca")
+    out = {"aggregator": pki.load_kit(pki.issue_kit(root / "ca", "aggregator", root / "aggregator",
+                                                    server_hosts=["127.0.0.1"]))}  # fmt: skip
+    for org in [*ORGS, "intruder"]:
+        out[org] = pki.load_kit(pki.issue_kit(root / "ca", org, root / org))
+    pki.init_ca(root / "other-ca")
+    out["foreign"] = pki.load_kit(pki.issue_kit(root / "other-ca", "org0", root / "foreign"))
+    return out
+
+
+def start(tmp_path: Path, kits: dict, *, round_timeout: float = 5.0) -> RunningAggregator:
+    config = AggregatorConfig(
+        server=ServerConfig(port=0, long_poll_seconds=0.5, kit=str(kits["aggregator"].directory)),
+        federation=FederationConfig(name="secure", rounds=1, inner_steps=INNER_STEPS),
+        model=MODEL,
+        train=TRAIN,
+        round=RoundConfig(min_nodes=2, timeout_seconds=round_timeout, start_grace_seconds=0.3),
+        outer=OuterConfig(name="fedavg"),
+        store=StoreConfig(state_dir=str(tmp_path / "state")),
+        secagg=SecAggConfig(clip=1.0, threshold=THRESHOLD, stage_timeout_seconds=1.5),
+    )
+    return start_aggregator(config, log=lambda _m: None)
+
+
+def connect(agg: RunningAggregator, kit: pki.StartupKit) -> AggregatorClient:
+    client = AggregatorClient(agg.address, kit.organisation, kit=kit, rpc_timeout=10)
+    client.join()
+    return client
+
+
+def delta_for(i: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + i)
+    return {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in like.items()}
+
+
+def run_node(
+    client: AggregatorClient, kit: pki.StartupKit, index: int, drop_at: str | None, log: list
+) -> None:
+    """Follow the tasks of one round; stop answering at `drop_at` (a stage name)."""
+    sec = NodeSecAgg(client, kit, client.spec.federation_id)
+    stages = {pb.Task.SECAGG_ADVERTISE_KEYS: "advertise", pb.Task.SECAGG_SHARE_KEYS: "share",
+              pb.Task.TRAIN: "input", pb.Task.SECAGG_UNMASK: "unmask"}  # fmt: skip
+    give_up = time.monotonic() + 60
+    while time.monotonic() < give_up:
+        task = client.get_task(wait_seconds=0.5)
+        if task.kind == pb.Task.STOP:
+            return
+        stage = stages.get(task.kind)
+        if stage is None:
+            continue
+        if stage == drop_at:
+            log.append((index, "dropped", stage))
+            return
+        if stage == "advertise":
+            sec.advertise(task.round)
+        elif stage == "share":
+            sec.share(task.round)
+        elif stage == "input":
+            global_params = client.pull_model(task.model_version)
+            masked = sec.mask(
+                task.round, delta_for(index, global_params), num_tokens=UNIT * (index + 1)
+            )
+            client.push_update(task.round, task.model_version, masked, UNIT * (index + 1), 1.0)
+            log.append((index, "pushed", task.round))
+        elif stage == "unmask":
+            sec.unmask(task.round)
+
+
+def run_round(agg: RunningAggregator, kits: dict, drops: dict[int, str]) -> list:
+    clients = [connect(agg, kits[org]) for org in ORGS]
+    log: list = []
+    threads = [threading.Thread(target=run_node, args=(c, kits[ORGS[i]], i, drops.get(i), log))
+               for i, c in enumerate(clients)]  # fmt: skip
+    for t in threads:
+        t.start()
+    give_up = time.monotonic() + 60
+    while (
+        agg.coordinator.version < 1
+        and agg.coordinator.round.number < 1
+        and time.monotonic() < give_up
+    ):
+        time.sleep(0.05)
+    for t in threads:
+        t.join(timeout=30)
+    for c in clients:
+        c.close()
+    return log
+
+
+CASES = [(stage, k) for stage in ("advertise", "share", "input", "unmask") for k in (1, 2)]
+
+
+@pytest.mark.parametrize("stage,dropouts", CASES, ids=[f"{s}-{k}" for s, k in CASES])
+def test_dropouts_at_each_stage_are_recovered(
+    tmp_path: Path, kits: dict, stage: str, dropouts: int
+) -> None:
+    agg = start(tmp_path, kits)
+    try:
+        theta0 = {k: v.clone() for k, v in agg.coordinator.params.items()}
+        log = run_round(agg, kits, {i: stage for i in range(dropouts)})
+        assert agg.coordinator.version == 1, (
+            f"round did not commit: {agg.store.rounds(agg.coordinator.federation_id)}"
+        )
+        # The aggregate is over the nodes whose masked update was summed.
+        contributed = sorted(i for i, what, _ in log if what == "pushed")
+        if stage in ("advertise", "share", "input"):
+            assert contributed == list(range(dropouts, N))
+        else:  # dropping while unmasking: their update is in the sum, their shares are not needed
+            assert contributed == list(range(N))
+        weights = {i: float(i + 1) for i in contributed}
+        total = sum(weights.values())
+        for name, value in theta0.items():
+            expected = (
+                value - sum(weights[i] * delta_for(i, theta0)[name] for i in contributed) / total
+            )
+            torch.testing.assert_close(agg.coordinator.params[name], expected, atol=1e-6, rtol=0)
+    finally:
+        agg.stop(grace=0)
+
+
+def test_fewer_than_threshold_survivors_aborts_without_committing(
+    tmp_path: Path, kits: dict
+) -> None:
+    agg = start(tmp_path, kits)
+    try:
+        run_round(agg, kits, {0: "input", 1: "input", 2: "input"})  # 2 masked updates < t = 3
+        rounds = agg.store.rounds(agg.coordinator.federation_id)
+        assert rounds[0].state == "FAILED" and "secure aggregation" in rounds[0].outcome
+        assert agg.coordinator.version == 0
+        assert agg.store.latest_checkpoint(agg.coordinator.federation_id).version == 0
+        assert len(rounds) >= 2 and all(
+            r.base_version == 0 for r in rounds[1:]
+        )  # next round, same model
+    finally:
+        agg.stop(grace=0)
+
+
+def test_masked_uploads_reveal_nothing_on_their_own(tmp_path: Path, kits: dict) -> None:
+    """What the aggregator stores for one node looks uniformly random, not like a delta."""
+    agg = start(tmp_path, kits, round_timeout=20)
+    try:
+        clients = [connect(agg, kits[org]) for org in ORGS]
+        threads = [threading.Thread(target=run_node, args=(c, kits[ORGS[i]], i, "unmask", []))
+                   for i, c in enumerate(clients)]  # fmt: skip
+        for t in threads:
+            t.start()
+        give_up = time.monotonic() + 30
+        spool = tmp_path / "state" / "uploads"
+        while len(list(spool.rglob("*.delta"))) < N and time.monotonic() < give_up:
+            time.sleep(0.05)
+        upload = np.fromfile(next(spool.rglob("*.delta")), dtype="<u4")
+        # A quantized delta of 0.01-scale values would sit near 0 or near 2^32 (two's complement).
+        assert abs(upload.astype(np.float64).mean() / 2**31 - 1) < 0.05
+        assert np.mean((upload > 2**30) & (upload < 3 * 2**30)) > 0.4
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        agg.stop(grace=0)
+
+
+def test_forged_or_unsigned_keys_are_refused(tmp_path: Path, kits: dict) -> None:
+    agg = start(tmp_path, kits, round_timeout=20)
+    try:
+        a, b = connect(agg, kits["org0"]), connect(agg, kits["org1"])
+        for c in (a, b):
+            threading.Thread(target=c.get_task, kwargs={"wait_seconds": 1}).start()
+        give_up = time.monotonic() + 10
+        while agg.coordinator._secagg is None and time.monotonic() < give_up:
+            time.sleep(0.05)
+        fed = a.spec.federation_id
+        _, cipher = secagg.generate_x25519()
+        _, mask = secagg.generate_x25519()
+        message = secagg.keys_message(fed, 0, a.node_id, cipher, mask)
+        forged = secagg.sign(kits["intruder"].identity_key, message)  # signed by someone else
+        for signature in (forged, b"", b"\x00" * 64):
+            request = pb.AdvertiseKeysRequest(round=0, keys=pb.SignedKeys(
+                node_id=a.node_id, cipher_public=cipher, mask_public=mask, signature=signature))  # fmt: skip
+            with pytest.raises(grpc.RpcError) as info:
+                a.advertise_keys(request)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert not agg.coordinator._secagg.keys
+        # Keys claiming to be another node's are refused too, even when properly signed.
+        message = secagg.keys_message(fed, 0, b.node_id, cipher, mask)
+        request = pb.AdvertiseKeysRequest(round=0, keys=pb.SignedKeys(
+            node_id=b.node_id, cipher_public=cipher, mask_public=mask,
+            signature=secagg.sign(kits["org0"].identity_key, message)))  # fmt: skip
+        with pytest.raises(grpc.RpcError) as info:
+            a.advertise_keys(request)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # A replay of this round's good keys in another round is refused.
+        sec = NodeSecAgg(a, kits["org0"], fed)
+        sec.advertise(0)
+        with pytest.raises(grpc.RpcError) as info:
+            a.advertise_keys(
+                pb.AdvertiseKeysRequest(round=1, keys=agg.coordinator._secagg.keys[a.node_id][0])
+            )
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        agg.stop(grace=0)
+
+
+def test_a_replayed_upload_from_an_earlier_round_is_refused(tmp_path: Path, kits: dict) -> None:
+    agg = start(tmp_path, kits)
+    try:
+        run_round(agg, kits, {})
+        assert agg.coordinator.version == 1
+        client = connect(agg, kits["org0"])
+        zeros = {
+            s.name: torch.zeros(s.shape, dtype=torch.uint32) for s in agg.coordinator.upload_specs
+        }
+        with pytest.raises(grpc.RpcError) as info:
+            client.push_update(0, 0, zeros, UNIT, 1.0)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        agg.stop(grace=0)
+
+
+def test_a_certificate_from_another_ca_fails_the_handshake(tmp_path: Path, kits: dict) -> None:
+    agg = start(tmp_path, kits)
+    try:
+        foreign = AggregatorClient(
+            agg.address, "org0", kit=kits["foreign"], rpc_timeout=5, attempts=1
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            foreign.join()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert agg.store.nodes(agg.coordinator.federation_id) == []
+        plain = AggregatorClient(agg.address, "org0", rpc_timeout=5)  # no certificate at all
+        with pytest.raises(grpc.RpcError):
+            plain.join()
+    finally:
+        agg.stop(grace=0)
+
+
+def test_a_node_cannot_claim_another_identity(tmp_path: Path, kits: dict) -> None:
+    agg = start(tmp_path, kits)
+    try:
+        impostor = AggregatorClient(agg.address, "org1", kit=kits["org0"], rpc_timeout=5)
+        # Asking to join as org1 with org0's certificate:
+        with pytest.raises(grpc.RpcError) as info:
+            impostor.stub.Join(pb.JoinRequest(organisation="org1"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        reply = impostor.join()  # joining as itself works, and it is org0
+        nodes = agg.store.nodes(agg.coordinator.federation_id)
+        assert [(n.id, n.organisation) for n in nodes] == [(reply.node_id, "org0")]
+        # The session token means nothing under mutual TLS: the certificate is the identity.
+        org1 = connect(agg, kits["org1"])
+        task = org1.stub.GetTask(
+            pb.TaskRequest(wait_seconds=0), metadata=impostor._metadata, timeout=5
+        )
+        assert agg.coordinator._ready.get(org1.node_id) is not None and task is not None
+        assert reply.node_id != org1.node_id
+    finally:
+        agg.stop(grace=0)
