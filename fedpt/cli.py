@@ -490,6 +490,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--nproc-per-node", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--delta-encoding", choices=("auto", "fp32", "masked-int32"), default="auto",
+                   help="auto: secure aggregation; fp32: plain deltas over mutual TLS (for comparison)")  # fmt: skip
     p.add_argument("--out", type=Path, help="run folder (default: runs/sim-TIMESTAMP)")
     p.set_defaults(func=cmd_simulate)
 
@@ -501,7 +503,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         nodes=args.nodes, rounds=args.rounds, preset=args.preset,
         data=[d for d in (args.data or "").split(",") if d], inner_steps=args.inner_steps,
         outer=args.outer, outer_lr=args.outer_lr, min_nodes=args.min_nodes, round_timeout=args.round_timeout,
-        nproc_per_node=args.nproc_per_node, seed=args.seed, out=args.out,
+        nproc_per_node=args.nproc_per_node, seed=args.seed, delta_encoding=args.delta_encoding, out=args.out,
     )  # fmt: skip
     return 0 if simulate(options) else 1
 

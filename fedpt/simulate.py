@@ -62,6 +62,7 @@ class SimulationOptions:
     round_timeout: float = 600.0
     nproc_per_node: int = 1
     seed: int = 0
+    delta_encoding: str = "auto"  # auto = secure aggregation (masked-int32); fp32 to compare
     out: Path | None = None
 
 
@@ -114,6 +115,7 @@ name = "simulation"
 rounds = {opts.rounds}
 inner_steps = {opts.inner_steps}
 seed = {opts.seed}
+delta_encoding = "{opts.delta_encoding}"
 
 [model]
 preset = "{opts.preset}"
