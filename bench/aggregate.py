@@ -408,6 +408,7 @@ def summary_rows(n: int, trials: list[Trial]) -> tuple[list, list, list]:
         return median([f(t) for t in trials])
 
     mb = trials[0].model_bytes
+    spread = [(t.peak - t.idle_rss) / mb for t in trials]
 
     def x(f: Callable[[Trial], float]) -> str:  # a median as a multiple of the model
         return f"{med(f) / mb:.2f}"
@@ -417,7 +418,8 @@ def summary_rows(n: int, trials: list[Trial]) -> tuple[list, list, list]:
                 x(lambda t: t.peak - t.idle_rss)]  # fmt: skip
     memory_row = [n, x(lambda t: t.startup_peak), x(lambda t: t.peak_pull - t.idle_rss),
                   x(lambda t: t.peak_upload - t.idle_rss), x(lambda t: t.peak_commit - t.idle_rss),
-                  med(lambda t: t.commit_s)]  # fmt: skip
+                  med(lambda t: t.commit_s),
+                  f"{min(spread):.2f}–{max(spread):.2f}"]  # fmt: skip
     cpu_row = [n, med(lambda t: t.pull_cpu[0]), med(lambda t: t.pull_cpu[1]),
                med(lambda t: t.upload_cpu[0]), med(lambda t: t.upload_cpu[1])]  # fmt: skip
     return main_row, memory_row, cpu_row
@@ -438,7 +440,16 @@ def report(results: dict[int, list[Trial]]) -> None:
         "per phase (each phase's VmHWM, reset at its start; commit starts at the RSS uploads left)"
     )
     print_table(
-        ["N", "start-up peak", "join + pull", "upload", "commit", "commit s"], list(memory_rows)
+        [
+            "N",
+            "start-up peak",
+            "join + pull",
+            "upload",
+            "commit",
+            "commit s",
+            "peak − idle, min–max",
+        ],
+        list(memory_rows),
     )
     print()
     print("CPU seconds per phase: the aggregator process, and the N clients (this process)")

@@ -49,11 +49,16 @@ def test_the_readme_example_config_is_valid(tmp_path: Path) -> None:
         ({"model": {"preset": "huge"}}, "unknown preset"),
         ({"train": {"lr": -1.0}}, "[train] lr"),
         ({"server": {"chunk_bytes": 3}}, "multiple of 4"),
+        ({"server": {"insecure": False}}, "needs kit"),
+        ({"federation": {"delta_encoding": "masked-int32"}}, "needs mutual TLS"),
     ],
 )
 def test_bad_config_names_the_key(raw: dict, words: str) -> None:
+    merged = {"server": {"insecure": True}}  # so that only the key under test is wrong
+    for section, values in raw.items():
+        merged.setdefault(section, {}).update(values)
     with pytest.raises(AggregatorConfigError) as info:
-        config_from_dict(raw)
+        config_from_dict(merged)
     assert words in str(info.value)
 
 
@@ -91,7 +96,7 @@ def test_serve_starts_reports_health_and_stops_on_sigterm(tmp_path: Path) -> Non
 
 def test_serve_with_a_bad_config_is_one_error_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text("[round]\nmin_nodes = 0\n")
+    bad.write_text("[server]\ninsecure = true\n[round]\nmin_nodes = 0\n")
     proc = subprocess.run(
         [sys.executable, "-m", "fedpt", "aggregator", "serve", "--config", str(bad)],
         capture_output=True, text=True, timeout=60,
