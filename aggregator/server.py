@@ -41,6 +41,12 @@ class RunningAggregator:
         self.store.close()
 
 
+def _window_options(window_bytes: int) -> list[tuple[str, int]]:
+    if window_bytes <= 0:
+        return []
+    return [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window_bytes)]
+
+
 def start_aggregator(
     config: AggregatorConfig, log: Callable[[str], None] = print
 ) -> RunningAggregator:
@@ -62,6 +68,7 @@ def start_aggregator(
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
+            *_window_options(config.server.stream_window_bytes),
         ],
     )
     servicer = FederationServicer(coordinator, log, ca_pem=None if kit is None else kit.ca_pem)

@@ -439,18 +439,9 @@ def report(results: dict[int, list[Trial]]) -> None:
     print(
         "per phase (each phase's VmHWM, reset at its start; commit starts at the RSS uploads left)"
     )
-    print_table(
-        [
-            "N",
-            "start-up peak",
-            "join + pull",
-            "upload",
-            "commit",
-            "commit s",
-            "peak − idle, min–max",
-        ],
-        list(memory_rows),
-    )
+    header = ["N", "start-up peak", "join + pull", "upload", "commit", "commit s",
+              "peak − idle, min–max"]  # fmt: skip
+    print_table(header, list(memory_rows))
     print()
     print("CPU seconds per phase: the aggregator process, and the N clients (this process)")
     print_table(["N", "pull: aggregator", "pull: clients", "upload: aggregator",

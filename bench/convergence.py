@@ -11,6 +11,12 @@ core by default; one federation node each), every run a real `fedpt` command in 
                 of the organisations' text, the same total tokens.
   alone:ORG     `fedpt train --data builtin:ORG --steps R×H`: one organisation on its own, the
                 tokens it contributed to the federation.
+  central-Nxbatch  `fedpt train --data builtin:ORG1,... --steps R×H --grad-accum N`: the union
+                again, the same tokens in a node's number of optimizer steps (N times the batch),
+                i.e. what synchronous data-parallel training over the N sites would do. Centralized
+                proper gets N times as many sequential updates as any node; this one gets the
+                same number, which separates "fewer updates" from "federated averaging".
+                (--no-bigbatch leaves it out.)
 
 The train runs get the federation's own model and inner-loop settings (micro batch, sequence
 length, lr, warmup, decay, clipping, read from the spec in the aggregator's database) through a
@@ -27,7 +33,7 @@ Packing the corpus into token shards is done once, before the clock starts, into
 --cache-dir (default $FEDPT_CACHE_DIR or fedpt's default cache), which every run then reads.
 
     python -m bench.convergence [--nodes 4] [--rounds 6] [--inner-steps 50] [--outer nesterov]
-                                [--outer-lr LR] [--seed 0] [--out DIR]
+                                [--outer-lr LR] [--seed 0] [--out DIR] [--no-bigbatch]
 """
 
 from __future__ import annotations
@@ -158,6 +164,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="initial model (all runs), data order (train runs)")  # fmt: skip
     parser.add_argument("--eval-batches", type=int, default=32, help="held-out batches per organisation")  # fmt: skip
     parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--no-bigbatch", action="store_true", help="skip the central-Nxbatch run")
     parser.add_argument("--out", type=Path, help="keep the run folders here (default: a temp dir)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="token shard cache (default: $FEDPT_CACHE_DIR or ~/.cache/fedpt/shards)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per fedpt command")
@@ -215,19 +222,25 @@ def main() -> None:
         torch.random.set_rng_state(rng_state)
         how = f"{args.nodes} nodes x {args.rounds} rounds x H={args.inner_steps}, {args.outer}"
         contenders.append(Contender("federated", how, fed_tokens, fed_seconds, fed_model))
-        jobs = [("centralized", union, steps_union)]
-        jobs += [(f"alone:{o}", f"builtin:{o}", steps_alone) for o in orgs]
-        for name, data, steps in jobs:
+        big = f"central-{args.nodes}xbatch"
+        accum = ["--grad-accum", str(args.nodes * train_config.grad_accum)]
+        jobs: list[tuple[str, str, int, list[str]]] = [("centralized", union, steps_union, [])]
+        if not args.no_bigbatch:
+            jobs.append((big, union, steps_alone, accum))
+        jobs += [(f"alone:{o}", f"builtin:{o}", steps_alone, []) for o in orgs]
+        for name, data, steps, extra in jobs:
             out = root / name.replace(":", "-")
             train_args = ["train", "--config", str(config_path), "--data", data, "--steps", str(steps),
-                          "--seed", str(args.seed), "--out", str(out)]  # fmt: skip
+                          *extra, "--seed", str(args.seed), "--out", str(out)]  # fmt: skip
             print(f"running fedpt {' '.join(train_args)}", flush=True)
             seconds = run_fedpt(train_args, root / "logs" / f"{out.name}.log", cache=cache,
                                 timeout=args.timeout)  # fmt: skip
             summary = json.loads((out / "summary.json").read_text())
             model, _ = load_model(out / "model.safetensors")
             print(f"  {seconds:.1f} s; {summary['tokens_seen']:,} tokens")
-            how = f"{data.removeprefix('builtin:')}, {steps} steps"
+            how = f"{data.removeprefix('builtin:')}, {steps} steps" + (
+                " x batch " + str(args.nodes) if extra else ""
+            )
             contenders.append(Contender(name, how, summary["tokens_seen"], seconds, model))
 
         t0 = time.perf_counter()
@@ -268,6 +281,13 @@ def main() -> None:
     print("per organisation federated/centralized: "
           + ", ".join(f"{o} {r:.3f}" for o, r in zip(orgs, per_org, strict=True))
           + f" (median {median(per_org):.3f})")  # fmt: skip
+    if big in by_name:
+        b = by_name[big]
+        print(f"federated / {big} mean perplexity: {math.exp(fed.mean_loss(orgs) - b.mean_loss(orgs)):.3f} "
+              f"(same tokens and the same {steps_alone} sequential optimizer steps as a node)")  # fmt: skip
+    best = min((by_name[f"alone:{o}"] for o in orgs), key=lambda c: c.mean_loss(orgs))
+    print(f"federated / best organisation alone ({best.name}) mean perplexity: "
+          f"{math.exp(fed.mean_loss(orgs) - best.mean_loss(orgs)):.3f}")  # fmt: skip
 
     print()
     print("does the federation beat training alone? (perplexity; 'others' = mean over the other organisations)")  # fmt: skip
@@ -292,7 +312,8 @@ def main() -> None:
 
     total = time.perf_counter() - started
     print()
-    print(f"wall time: federated {fed_seconds:.1f} s, centralized {central.seconds:.1f} s, alone "
+    big_s = f", {big} {by_name[big].seconds:.1f} s" if big in by_name else ""
+    print(f"wall time: federated {fed_seconds:.1f} s, centralized {central.seconds:.1f} s{big_s}, alone "
           f"{sum(by_name[f'alone:{o}'].seconds for o in orgs):.1f} s in all, held-out scoring {eval_seconds:.1f} s; "
           f"bench total {total:.1f} s")  # fmt: skip
     print("notes: every node process runs 1 thread and the N nodes share this machine's cores; "
