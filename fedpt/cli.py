@@ -161,9 +161,15 @@ def relaunch_under_torchrun(args: argparse.Namespace) -> int:
     _, report = prepare_data(args.data, open_tokenizer(args.tokenizer), cache_dir())
     if report is not None:
         print(f"data: {report.summary()}")
+    return rerun_with_ranks(args.nproc_per_node)
+
+
+def rerun_with_ranks(nproc_per_node: int) -> int:
+    """This same command again, as `nproc_per_node` ranks under torchrun (which sets LOCAL_RANK,
+    so the ranks do not relaunch themselves)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={args.nproc_per_node}", "-m", "fedpt", *sys.argv[1:],
+        f"--nproc-per-node={nproc_per_node}", "-m", "fedpt", *sys.argv[1:],
     ]  # fmt: skip
     return subprocess.call(cmd)
 
@@ -465,11 +471,7 @@ def relaunch_node_under_torchrun(cfg) -> int:
     from node.shards import prepare_data
 
     prepare_data(cfg.data, open_tokenizer(cfg.tokenizer or None), cache_dir())  # once, not per rank
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={cfg.nproc_per_node}", "-m", "fedpt", *sys.argv[1:],
-    ]  # fmt: skip
-    return subprocess.call(cmd)
+    return rerun_with_ranks(cfg.nproc_per_node)
 
 
 # ---- simulate ---------------------------------------------------------------------------------
