@@ -300,6 +300,8 @@ class Coordinator:
     # ---- tasks --------------------------------------------------------------------------------
     def get_task(self, node_id: str, wait_seconds: float) -> pb.Task:
         """What `node_id` must do now; holds the call up to `wait_seconds` while it would WAIT."""
+        if not math.isfinite(wait_seconds):  # NaN would make every comparison below false
+            wait_seconds = 0.0
         wait = min(max(wait_seconds, 0.0), self.config.server.long_poll_seconds)
         give_up = time.monotonic() + wait
         with self._lock:
