@@ -29,7 +29,7 @@ class AggregatorConfigError(ValueError):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 7450
-    max_workers: int = 64  # gRPC handler threads: long polls each hold one
+    max_workers: int = 256  # gRPC handler threads; each long-polling node holds one: ≥ nodes + 16
     long_poll_seconds: float = 10.0  # upper bound on how long GetTask holds a call
     chunk_bytes: int = 4 << 20
     max_message_bytes: int = 16 << 20  # larger messages are refused by gRPC itself
