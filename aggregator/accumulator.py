@@ -36,16 +36,19 @@ class StreamingAccumulator:
         self.total_weight = 0.0
         self.lock = threading.Lock()  # callers hold it across spool write + add (see uploads.py)
 
-    def add(self, byte_offset: int, data: bytes, weight: float) -> None:
-        """Add weight · values, for `data` starting at `byte_offset` of a payload. Caller holds `lock`."""
+    def add(self, byte_offset: int, data: bytes, weight: float) -> bool:
+        """Add weight · values, for `data` starting at `byte_offset` of a payload. Caller holds
+        `lock`. False when the fp32 sum left the finite range (huge but finite values times a
+        large weight): the caller must then refuse the upload and rebuild without it."""
         start = byte_offset // 4
         if self.modular:
             values = np.frombuffer(data, dtype="<u4")
             self._sum[start : start + len(values)] += values  # uint32 wraps: arithmetic mod 2^32
-            return
+            return True
         values = np.frombuffer(data, dtype="<f4")
         segment = self._sum[start : start + len(values)]
         segment += values * np.float32(weight)
+        return bool(np.isfinite(segment).all())
 
     def add_weight(self, weight: float) -> None:
         self.total_weight += weight

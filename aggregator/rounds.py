@@ -67,7 +67,7 @@ from protos import secagg
 from protos.codec import CodecError, EncodedPayload, Manifest, TensorSpec, encode, specs_of
 
 MAX_TOKENS_PER_UPDATE = 10**15
-ORGANISATION_NAME = re.compile(r"^[\w .@:/+-]{1,200}$")
+ORGANISATION_NAME = re.compile(r"[\w .@:/+-]{1,200}")  # matched with fullmatch: no trailing \n
 # Fields of the spec a restarted aggregator may not change under a running federation.
 FROZEN_SPEC_FIELDS = ("model_config_json", "tokenizer_json", "outer_optimizer", "delta_encoding")
 
@@ -251,7 +251,7 @@ class Coordinator:
 
     # ---- nodes --------------------------------------------------------------------------------
     def join(self, organisation: str, capabilities: dict) -> tuple[NodeRow, str]:
-        if not ORGANISATION_NAME.match(organisation or ""):
+        if not ORGANISATION_NAME.fullmatch(organisation or ""):
             raise InvalidArgument(
                 "organisation must be 1-200 letters, digits, spaces or . @ : / + - _"
             )

@@ -19,6 +19,7 @@ from protos import pki
 from protos.codec import model_stream_messages
 
 SESSION_METADATA = "x-fedpt-session"
+MAX_STATUS_CHARS = 1000  # a refusal quoting a huge value must still fit in the status trailer
 VERIFIED_CACHE_SIZE = 4096
 VERIFIED_CACHE_SECONDS = 300.0
 
@@ -31,7 +32,7 @@ def _answer_refusals(method: Callable) -> Callable:
         try:
             return method(self, request, context)
         except Refused as e:
-            context.abort(grpc.StatusCode[e.code], e.message)
+            context.abort(grpc.StatusCode[e.code], _clipped(e.message))
         except Exception as e:
             self.log(f"{method.__name__}: internal error: {type(e).__name__}: {e}")
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
@@ -47,12 +48,16 @@ def _answer_refusals_streaming(method: Callable) -> Callable:
         try:
             yield from method(self, request, context)
         except Refused as e:
-            context.abort(grpc.StatusCode[e.code], e.message)
+            context.abort(grpc.StatusCode[e.code], _clipped(e.message))
         except Exception as e:
             self.log(f"{method.__name__}: internal error: {type(e).__name__}: {e}")
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
 
     return wrapper
+
+
+def _clipped(message: str) -> str:
+    return message if len(message) <= MAX_STATUS_CHARS else message[:MAX_STATUS_CHARS] + "… (cut)"
 
 
 class FederationServicer(pb_grpc.FederationServicer):

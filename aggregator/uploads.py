@@ -65,7 +65,9 @@ class UploadSession:
                 )
             self._spool.write(data)
             self._sha.update(data)
-            accumulator.add(start, data, self.weight)
+            finite = accumulator.add(start, data, self.weight)
+        if not finite:
+            raise InvalidArgument(f"chunk {index} pushes the weighted sum beyond the float32 range")
 
     def finish(self, accumulator: StreamingAccumulator) -> None:
         """Make the complete upload durable and count its weight."""

@@ -4,7 +4,8 @@ Three ways to spend the same training budget on N built-in organisations (web, s
 core by default; one federation node each), every run a real `fedpt` command in a subprocess:
 
   federated     `fedpt simulate --nodes N --rounds R --inner-steps H --outer O`: an aggregator
-                and N node processes on 127.0.0.1; each node trains R×H inner steps on its own
+                and N node processes on 127.0.0.1 (mutual TLS; secure aggregation unless
+                --delta-encoding fp32); each node trains R×H inner steps on its own
                 organisation's text. Tokens = N × R × H × tokens per step (read back from the
                 nodes' rounds.jsonl). Scored: the last committed global checkpoint.
   centralized   `fedpt train --data builtin:ORG1,ORG2,... --steps N×R×H`: one model on the union
@@ -33,7 +34,8 @@ Packing the corpus into token shards is done once, before the clock starts, into
 --cache-dir (default $FEDPT_CACHE_DIR or fedpt's default cache), which every run then reads.
 
     python -m bench.convergence [--nodes 4] [--rounds 6] [--inner-steps 50] [--outer nesterov]
-                                [--outer-lr LR] [--seed 0] [--out DIR] [--no-bigbatch]
+                                [--outer-lr LR] [--delta-encoding fp32] [--seed 0] [--out DIR]
+                                [--no-bigbatch]
 """
 
 from __future__ import annotations
@@ -160,6 +162,8 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=50, help="H: inner steps per round")
     parser.add_argument("--outer", choices=("fedavg", "nesterov", "adam"), default="nesterov")
     parser.add_argument("--outer-lr", type=float, default=None, help="default: the optimizer's")
+    parser.add_argument("--delta-encoding", choices=("auto", "fp32", "masked-int32"), default=None,
+                        help="passed to fedpt simulate (its default: auto = secure aggregation)")  # fmt: skip
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0, help="initial model (all runs), data order (train runs)")  # fmt: skip
     parser.add_argument("--eval-batches", type=int, default=32, help="held-out batches per organisation")  # fmt: skip
@@ -198,11 +202,14 @@ def main() -> None:
                     "--seed", str(args.seed), "--out", str(fed_run)]  # fmt: skip
         if args.outer_lr is not None:
             sim_args += ["--outer-lr", str(args.outer_lr)]
+        if args.delta_encoding is not None:
+            sim_args += ["--delta-encoding", args.delta_encoding]
         print(f"running fedpt {' '.join(sim_args)}", flush=True)
         # exit status 1: the run finished but the global validation loss did not fall
         fed_seconds = run_fedpt(sim_args, root / "logs" / "federated.log", cache=cache,
                                 timeout=args.timeout, ok_codes=(0, 1))  # fmt: skip
         fed_model, model_config, train_config, version, committed = federated_model(fed_run)
+        encoding = federation_spec(fed_run).get("delta_encoding", "?")
         records = node_round_records(fed_run)
         fed_tokens = sum(r["tokens"] for rs in records.values() for r in rs if r["pushed"])
         tokens_per_step = train_config.tokens_per_step(1)
@@ -220,7 +227,7 @@ def main() -> None:
         torch.manual_seed(args.seed)  # the aggregator builds the initial model the same way
         contenders.append(Contender("untrained", "-", 0, 0.0, GPT(model_config).eval()))
         torch.random.set_rng_state(rng_state)
-        how = f"{args.nodes} nodes x {args.rounds} rounds x H={args.inner_steps}, {args.outer}"
+        how = f"{args.nodes} nodes x {args.rounds} rounds x H={args.inner_steps}, {args.outer}, {encoding}"
         contenders.append(Contender("federated", how, fed_tokens, fed_seconds, fed_model))
         big = f"central-{args.nodes}xbatch"
         accum = ["--grad-accum", str(args.nodes * train_config.grad_accum)]
