@@ -57,7 +57,11 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group together: a rank tearing gloo down while its peer is still
+    writing a checkpoint was seen to abort ("terminate called without an active exception")."""
     if dist.is_initialized():
+        with contextlib.suppress(Exception):  # a failed peer must not hide the original error
+            dist.barrier()
         dist.destroy_process_group()
 
 
