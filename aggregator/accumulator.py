@@ -47,7 +47,8 @@ class StreamingAccumulator:
             return True
         values = np.frombuffer(data, dtype="<f4")
         segment = self._sum[start : start + len(values)]
-        segment += values * np.float32(weight)
+        with np.errstate(over="ignore"):  # overflow is detected just below and refused
+            segment += values * np.float32(weight)
         return bool(np.isfinite(segment).all())
 
     def add_weight(self, weight: float) -> None:
