@@ -31,11 +31,8 @@ def _answer_refusals(method: Callable) -> Callable:
     def wrapper(self, request, context: grpc.ServicerContext):
         try:
             return method(self, request, context)
-        except Refused as e:
-            context.abort(grpc.StatusCode[e.code], _clipped(e.message))
         except Exception as e:
-            self.log(f"{method.__name__}: internal error: {type(e).__name__}: {e}")
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+            _abort(self, method.__name__, e, context)
 
     return wrapper
 
@@ -47,13 +44,18 @@ def _answer_refusals_streaming(method: Callable) -> Callable:
     def wrapper(self, request, context: grpc.ServicerContext):
         try:
             yield from method(self, request, context)
-        except Refused as e:
-            context.abort(grpc.StatusCode[e.code], _clipped(e.message))
         except Exception as e:
-            self.log(f"{method.__name__}: internal error: {type(e).__name__}: {e}")
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}")
+            _abort(self, method.__name__, e, context)
 
     return wrapper
+
+
+def _abort(servicer, name: str, error: Exception, context: grpc.ServicerContext) -> None:
+    """End the call: a refusal with its own status code, anything else as INTERNAL (a bug)."""
+    if isinstance(error, Refused):
+        context.abort(grpc.StatusCode[error.code], _clipped(error.message))
+    servicer.log(f"{name}: internal error: {type(error).__name__}: {error}")
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}")
 
 
 def _clipped(message: str) -> str:
