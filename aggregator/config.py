@@ -32,7 +32,7 @@ class ServerConfig:
     max_workers: int = 256  # gRPC handler threads; each long-polling node holds one: ≥ nodes + 16
     long_poll_seconds: float = 10.0  # upper bound on how long GetTask holds a call
     chunk_bytes: int = 4 << 20
-    max_message_bytes: int = 16 << 20  # larger messages are refused by gRPC itself
+    max_message_bytes: int = 16 << 20  # a larger request is refused, RESOURCE_EXHAUSTED
     # HTTP/2 receive window per upload stream. gRPC's adaptive window lets each of N uploaders
     # run far ahead of the (serial) accumulation, so memory grew with N; a fixed window bounds it
     # to N × this, while 8 MiB still fills a 100 ms, 80 MB/s path. 0: gRPC's adaptive window.

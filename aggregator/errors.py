@@ -38,3 +38,11 @@ class DeadlineExceeded(Refused):
 
 class Unavailable(Refused):
     code = "UNAVAILABLE"
+
+
+class ResourceExhausted(Refused):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Cancelled(Refused):
+    code = "CANCELLED"

@@ -13,13 +13,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from aggregator.config import AggregatorConfig
+from aggregator.handlers import SERVICE_NAME, add_federation_service
 from aggregator.rounds import Coordinator
 from aggregator.servicer import FederationServicer
 from aggregator.store import Store
-from protos import federation_pb2_grpc as pb_grpc
 from protos import pki
 
-SERVICE_NAME = "fedpt.v1.Federation"
+# grpcio cuts a message over its own limit before fedpt sees it, which looks like a dropped
+# connection; so its limit sits well above [server] max_message_bytes, which fedpt enforces itself
+# with a clear refusal that leaves nothing behind.
+TRANSPORT_LIMIT_FACTOR = 4
 
 
 @dataclass
@@ -36,8 +39,7 @@ class RunningAggregator:
 
     def stop(self, grace: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
-        # Bounded: grpcio can leave calls whose request failed to deserialize open for good
-        # (found by fuzzing); the store and coordinator must still close.
+        # Bounded, so the store and coordinator close even if a handler is stuck.
         self.server.stop(grace).wait(timeout=grace + 5)
         self.coordinator.close()
         self.store.close()
@@ -62,19 +64,20 @@ def start_aggregator(
         store.close()
         raise
     limit = config.server.max_message_bytes
+    transport_limit = min(TRANSPORT_LIMIT_FACTOR * limit, 2**31 - 1)
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=config.server.max_workers, thread_name_prefix="grpc"
         ),
         options=[
-            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_receive_message_length", transport_limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
             *_window_options(config.server.stream_window_bytes),
         ],
     )
     servicer = FederationServicer(coordinator, log, ca_pem=None if kit is None else kit.ca_pem)
-    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    add_federation_service(server, servicer, limit)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.server.host}:{config.server.port}"

@@ -10,7 +10,13 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from aggregator.errors import InvalidArgument, PermissionDenied, Refused, Unauthenticated
+from aggregator.errors import (
+    Cancelled,
+    InvalidArgument,
+    PermissionDenied,
+    Refused,
+    Unauthenticated,
+)
 from aggregator.rounds import Coordinator
 from aggregator.store import NodeRow
 from protos import federation_pb2 as pb
@@ -149,8 +155,14 @@ class FederationServicer(pb_grpc.FederationServicer):
         except Refused:
             self.coordinator.reject_upload(session)
             raise
+        except grpc.RpcError:
+            # The connection broke mid-stream: keep what arrived so the node can resume. The
+            # client already has its status; this is not a server error.
+            self.coordinator.release_upload(session)
+            self.log(f"PushUpdate from {node.organisation}: stream cut after "
+                     f"{session.chunks_received} chunks; kept to resume")  # fmt: skip
+            raise Cancelled("the update stream was cut") from None
         except Exception:
-            # The client went away mid-stream: keep what arrived so it can resume.
             self.coordinator.release_upload(session)
             raise
         return self.coordinator.end_upload(session)

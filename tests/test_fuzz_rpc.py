@@ -5,7 +5,7 @@ or INTERNAL from fedpt), leave the server healthy and leave stored state as it w
 tests/fuzzing.py for the cases and the checks. python -m bench.fuzz runs thousands more.
 
 What fuzzing found is reproduced at the end of this file: fixed findings as regression tests,
-the rest (recognised as `KNOWN` by the harness) as strict xfails, which fail here once fixed."""
+any not fixed yet (recognised as `KNOWN` by the harness) as strict xfails."""
 
 from __future__ import annotations
 
@@ -58,14 +58,14 @@ def secure_examples(stage: str, rpc: str) -> int:
 def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
     target = start_plain_target(tmp_path_factory.mktemp("fuzz-plain"))
     yield target
-    target.shutdown(seconds=2.0)  # may not stop: KNOWN["stop-hangs"], reproduced below
+    assert target.shutdown(seconds=5.0), "the aggregator did not stop"
 
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFederation]:
     federation = SecureFederation(tmp_path_factory.mktemp("fuzz-mtls"))
     yield federation
-    federation.close(seconds=2.0)
+    assert federation.close(seconds=5.0), "the aggregator did not stop"
 
 
 def clean(outcome: Outcome) -> None:
@@ -92,9 +92,7 @@ def test_oversized_message_is_refused(plain: FuzzTarget, rpc: str) -> None:
     outcome = plain.run(oversize_case(plain.corpus, rpc, 16 << 20))
     clean(outcome)
     assert outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED, outcome.report()
-    if rpc == "PushUpdate":  # a valid header, then an oversized chunk
-        # cut-logged-internal only when the handler sees the cut as an error, not as the end
-        assert "partial-upload-kept" in outcome.known, outcome.report()
+    assert "message limit" in outcome.details, outcome.report()  # fedpt's refusal, not grpcio's
 
 
 @pytest.mark.parametrize("wait", [1e9, float("inf"), float("nan"), -1.0, 1.8e308])
@@ -143,30 +141,24 @@ def test_finite_upload_cannot_make_the_running_sum_infinite(plain: FuzzTarget) -
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome.report()
 
 
-# Not fixed yet (KNOWN in tests/fuzzing.py). The first three and stop-hangs share one fix: request
-# deserializers that never raise (parse in the servicer and refuse with INVALID_ARGUMENT).
-@pytest.mark.xfail(strict=True, reason="undecodable-internal: grpcio answers INTERNAL")
-def test_undecodable_request_is_invalid_argument(plain: FuzzTarget) -> None:
-    outcome = plain.run(Case("Join", "participant", "reproducer", (b"\xff\xff",)))
+# FIXED in tests/fuzzing.py: every RPC is registered without a grpcio request deserializer
+# (aggregator/handlers.py), so fedpt parses, size-checks and refuses bad messages itself.
+@pytest.mark.parametrize("rpc", RPCS)
+def test_undecodable_request_is_invalid_argument(plain: FuzzTarget, rpc: str) -> None:
+    outcome = plain.run(Case(rpc, "participant", "reproducer", (b"\xff\xff",)))
+    clean(outcome)
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome.report()
+    assert "is not a valid" in outcome.details, outcome.report()
 
 
-@pytest.mark.xfail(strict=True, reason="partial-upload-kept: a cut stream's chunks stay")
 def test_push_stream_cut_by_undecodable_bytes_keeps_nothing(plain: FuzzTarget) -> None:
     header, chunk0 = plain.corpus.valid["PushUpdate"][0][:2]
     outcome = push(plain, header, chunk0, b"\xff\xff")
-    assert not outcome.known, outcome.report()  # known: undecodable-internal, partial-upload-kept
+    clean(outcome)  # refused, and the verified chunk 0 left the spool and the running sum
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome.report()
+    assert not outcome.changed, outcome.report()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="partial-upload-kept, cut-logged-internal: after an oversized message"
-)
-def test_push_stream_cut_by_an_oversized_message_keeps_nothing(plain: FuzzTarget) -> None:
-    outcome = plain.run(oversize_case(plain.corpus, "PushUpdate", 16 << 20))
-    assert not outcome.known, outcome.report()
-
-
-@pytest.mark.xfail(strict=True, reason="stop-hangs: grpcio leaves calls open, stop() never returns")
 def test_server_stops_after_undecodable_push_streams(tmp_path: Path) -> None:
     target = start_plain_target(tmp_path)
     header = target.corpus.valid["PushUpdate"][0][0]
