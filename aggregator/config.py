@@ -87,6 +87,10 @@ class RoundConfig:
     max_nodes: int = 0  # 0: every ready node takes part
     timeout_seconds: float = 600.0  # upload deadline, from the round's start
     start_grace_seconds: float = 1.0  # once a quorum is ready, wait this long for more nodes
+    # Sum fp32 uploads in node order when aggregating (re-reading the spooled uploads), so the
+    # new model does not depend on the order uploads arrived in (float addition is not
+    # associative). Secure aggregation's modular sum is exact in any order without it.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.min_nodes < 1:

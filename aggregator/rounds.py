@@ -26,7 +26,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +62,8 @@ from model.gpt import GPT
 from model.io import model_state
 from model.tokenizer import ByteTokenizer, load_tokenizer
 from model.train_config import TrainConfig
+from protos import crash_points, secagg
 from protos import federation_pb2 as pb
-from protos import secagg
 from protos.codec import CodecError, EncodedPayload, Manifest, TensorSpec, encode, specs_of
 
 MAX_TOKENS_PER_UPDATE = 10**15
@@ -139,7 +139,8 @@ class Coordinator:
         self._dirty = False  # in-memory outer state may be ahead of the last checkpoint
         self._secagg: SecAggRound | None = None  # this round's secure aggregation, when on
         self._load_or_create_federation()
-        self._recover_round()
+        with self._lock:  # failing a round notifies waiters, which needs the lock
+            self._recover_round()
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="round-ticker", daemon=True)
         if start_ticker:
@@ -307,6 +308,8 @@ class Coordinator:
         with self._lock:
             while True:
                 self._ready[node_id] = self.clock()
+                if self.round.state == RoundState.OPEN:
+                    crash_points.reached("aggregator.open", self.round.number)
                 self._maybe_start_round()
                 task = self._task_for(node_id)
                 remaining = give_up - time.monotonic()
@@ -386,6 +389,7 @@ class Coordinator:
             deadline,
         )
         self._quorum_since = None
+        crash_points.reached("aggregator.training", self.round.number)
         if self.secure:
             self._secagg = SecAggRound(
                 self.federation_id, self.round.number, tuple(participants), policy.min_nodes,
@@ -452,9 +456,12 @@ class Coordinator:
             self._store_call(
                 self.store.set_round_state, self.federation_id, r.number, RoundState.AGGREGATING
             )
+            crash_points.reached("aggregator.aggregating", r.number)
             if self._secagg is not None:
                 mean_delta = self._unmasked_mean()
             else:
+                if self.config.round.deterministic:
+                    self._rebuild_accumulator(ordered=True)  # whatever the arrival order
                 with self.accumulator.lock:
                     mean_delta = self.accumulator.mean()
             new_params = self.outer.step(self.params, mean_delta)
@@ -465,6 +472,7 @@ class Coordinator:
             row = CheckpointRow(
                 version, r.number, str(record.path), record.sha256, record.nbytes, self.clock()
             )
+            crash_points.reached("aggregator.checkpointed", r.number)
             open_next = not (
                 self.config.federation.rounds and version >= self.config.federation.rounds
             )
@@ -542,16 +550,23 @@ class Coordinator:
         self._sessions.clear()
         self._rebuild_accumulator()
 
-    def _rebuild_accumulator(self) -> None:
+    def _rebuild_accumulator(self, *, ordered: bool = False) -> None:
         """Recompute the sum from the spools of complete and still-live uploads."""
         with self.accumulator.lock:
             self.accumulator.reset()
-            for sub in self._completed.values():
+            completed = list(self._completed.values())
+            for sub in self._in_node_order(completed) if ordered else completed:
                 self.accumulator.add_file(Path(sub.path), sub.num_tokens)
                 self.accumulator.add_weight(sub.num_tokens)
             for session in self._sessions.values():
                 session.flush()
                 self.accumulator.add_file(session.part_path, session.weight)
+
+    def _in_node_order(self, submissions: Iterable[SubmissionRow]) -> list[SubmissionRow]:
+        """By organisation: an order that is the same in every run of a federation (node ids
+        are random), so that a deterministic fp32 sum is reproducible across runs."""
+        organisation = {n.id: n.organisation for n in self.store.nodes(self.federation_id)}
+        return sorted(submissions, key=lambda s: (organisation.get(s.node_id, ""), s.node_id))
 
     # ---- secure aggregation stages ------------------------------------------------------------
     def _secagg_round(self, number: int) -> SecAggRound:
@@ -616,9 +631,10 @@ class Coordinator:
                 raise InvalidArgument(f"update manifest refused: {e}") from e
             session = self._sessions.get(node_id)
             if session is not None and session.streaming:
-                raise Refused("another upload from this node is in progress")
-            if session is not None and session.manifest != manifest:
-                # A different payload than the one being resumed: start over without the old bytes.
+                # Usually the node's previous connection, not yet seen to be gone: retryable.
+                raise Unavailable("another upload from this node is still in progress")
+            if session is not None and (session.manifest != manifest or header.first_chunk == 0):
+                # A different payload, or a node starting over (e.g. restarted): drop the old bytes.
                 self._discard_session(session)
                 session = None
             received = session.chunks_received if session else 0
@@ -683,6 +699,7 @@ class Coordinator:
                     RoundState.COLLECTING,
                 )
                 self.round = self.store.current_round(self.federation_id)
+                crash_points.reached("aggregator.collecting", self.round.number)
             self.log(
                 f"round {session.round_number}: update from {session.node_id} ({int(session.weight)} tokens)"
             )

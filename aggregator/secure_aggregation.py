@@ -177,8 +177,8 @@ class SecAggRound:
             self.scale = secagg.choose_scale(self.clip, len(self.keys))
             self._next(Stage.SHARE, now)
         elif self.stage == Stage.SHARE and (len(self.shared) == len(self.keys) or late):
-            if len(self.shared) < max(self.threshold, self.min_nodes):
-                return f"only {len(self.shared)} node(s) shared keys; {self.threshold} needed"
+            if len(self.shared) < self._needed():
+                return f"only {len(self.shared)} node(s) shared keys; {self._needed()} needed"
             self._next(Stage.MASKED_INPUT, now)
         elif self.stage == Stage.UNMASK:
             answered = len(self.unmask_requests)
@@ -191,10 +191,16 @@ class SecAggRound:
     def close_inputs(self, survivors: Iterable[str], now: float) -> str | None:
         """The masked-input stage ends with these uploads (U3)."""
         self.survivors = sorted(survivors)
-        if len(self.survivors) < max(self.threshold, self.min_nodes):
-            return f"only {len(self.survivors)} masked update(s) arrived; {self.threshold} needed"
+        if len(self.survivors) < self._needed():
+            return (
+                f"only {len(self.survivors)} masked update(s) arrived; {self._needed()} needed"
+            )
         self._next(Stage.UNMASK, now)
         return None
+
+    def _needed(self) -> int:
+        """Nodes a stage needs: the Shamir threshold, and never fewer than the quorum."""
+        return max(self.threshold, self.min_nodes)
 
     def _next(self, stage: Stage, now: float) -> None:
         self.stage, self.stage_deadline = stage, now + self.stage_timeout

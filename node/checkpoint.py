@@ -153,3 +153,18 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
     restore_rng_state(state.pop("rng"))
     return state
+
+
+def read_state(directory: Path) -> dict:
+    """The trainer state saved in a checkpoint folder (without loading any tensors)."""
+    try:
+        return json.loads((directory / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {directory / STATE_FILE}: {e}") from e
+
+
+def prune_checkpoints(root: Path, keep_latest: int) -> None:
+    """Remove all but the newest `keep_latest` checkpoint folders under `root`."""
+    folders = sorted(d for d in root.glob("step_*") if d.is_dir())
+    for directory in folders[: max(len(folders) - keep_latest, 0)]:
+        shutil.rmtree(directory, ignore_errors=True)

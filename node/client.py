@@ -8,7 +8,7 @@ model weights and deltas cross the wire (see tests/test_no_data_on_wire.py later
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import grpc
 import torch
@@ -114,9 +114,10 @@ class AggregatorClient:
         *,
         expected: Sequence[TensorSpec] | None = None,
         max_total_bytes: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The global model of `version`, verified chunk by chunk; a broken stream is resumed
-        from the first chunk not yet received."""
+        from the first chunk not yet received. `progress(n)` after each chunk received."""
         assembler: PayloadAssembler | None = None
         for attempt in range(1, self.attempts + 1):
             first = assembler.next_index if assembler else 0
@@ -127,7 +128,7 @@ class AggregatorClient:
             breaks: list[grpc.RpcError] = []
             try:
                 assembler = receive_model(
-                    _until_broken(stream, breaks),
+                    _counting_chunks(_until_broken(stream, breaks), progress),
                     assembler,
                     expected=expected,
                     max_total_bytes=max_total_bytes,
@@ -153,8 +154,10 @@ class AggregatorClient:
         train_loss: float,
         *,
         chunk_bytes: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> pb.PushReply:
-        """Send this round's delta; after a broken stream, ask where the server is and resume."""
+        """Send this round's delta; after a broken stream, ask where the server is and resume.
+        `progress(n)` after each chunk handed to the transport."""
         payload = encode(
             delta, chunk_bytes or (self.spec.chunk_bytes if self.spec else DEFAULT_CHUNK_BYTES)
         )
@@ -164,7 +167,7 @@ class AggregatorClient:
                                      num_tokens=num_tokens, train_loss=train_loss)  # fmt: skip
             try:
                 reply = self.stub.PushUpdate(
-                    update_messages(header, payload, first),
+                    _counting_chunks(update_messages(header, payload, first), progress),
                     metadata=self._metadata,
                     timeout=self.rpc_timeout * 10,
                 )
@@ -184,6 +187,18 @@ class AggregatorClient:
         raise TransferError(
             f"push for round {round_number} did not complete in {self.attempts} attempts"
         )
+
+
+def _counting_chunks(messages: Iterator, progress: Callable[[int], None] | None) -> Iterator:
+    """`messages`, calling progress(chunks so far) once each message has been taken (the
+    first call, with 0, after the header or manifest)."""
+    chunks = 0
+    for message in messages:
+        yield message
+        if message.WhichOneof("payload") == "chunk":
+            chunks += 1
+        if progress is not None:
+            progress(chunks)
 
 
 def _until_broken(stream, breaks: list[grpc.RpcError]):

@@ -30,14 +30,15 @@ from model.gpt import GPT
 from model.io import model_state, save_tensors_atomic
 from model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from model.train_config import TrainConfig
+from node.checkpoint import latest_checkpoint, prune_checkpoints, read_state
 from node.client import AggregatorClient
 from node.local_training import load_splits
 from node.metrics import MetricsLog
 from node.parallel import DistEnv, barrier, broadcast_bytes, broadcast_tensors
 from node.secure_aggregation import NodeSecAgg, SecAggRefused
 from node.trainer import Trainer
+from protos import crash_points, pki
 from protos import federation_pb2 as pb
-from protos import pki
 from protos.codec import TensorSpec, specs_of
 
 SECAGG_STAGES = (pb.Task.SECAGG_ADVERTISE_KEYS, pb.Task.SECAGG_SHARE_KEYS, pb.Task.SECAGG_UNMASK)
@@ -67,6 +68,9 @@ class NodeConfig:
     poll_seconds: float = 10.0  # long-poll length per GetTask
     reconnect_timeout_seconds: float = 300.0  # give up after the aggregator is away this long
     save_deltas: bool = False  # audit trail: every pushed delta in work_dir/deltas/
+    # After each round's training, keep the local model and inner optimizer state in
+    # work_dir/checkpoints/ (the last round only): a restarted node resumes exactly.
+    save_round_state: bool = True
     kit: str = ""  # this organisation's startup kit (`fedpt ca issue`): mutual TLS
     insecure: bool = (
         False  # plain text to an --insecure aggregator: trusted networks and tests only
@@ -135,6 +139,10 @@ class Participant:
                 cfg.aggregator, cfg.organisation_name, kit=kit, log=self.log
             )
         self.secagg: NodeSecAgg | None = None
+        self.federation_id = ""
+        self.trained: dict | None = None  # a round trained before a restart, not yet pushed
+        self.trained_versions: set[int] = set()  # versions this process trained from
+        self.left_rounds: set[int] = set()  # rounds this node dropped out of
         self.rounds_log = MetricsLog(self.work_dir / "rounds.jsonl" if env.is_main else None)
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -149,12 +157,13 @@ class Participant:
             raw = reply.spec.SerializeToString()
         spec = pb.FederationSpec()
         spec.ParseFromString(broadcast_bytes(raw, self.env))
+        self.federation_id = spec.federation_id
         if self.env.is_main and spec.delta_encoding == "masked-int32":
             if self.kit is None:
                 raise FederationMismatch(
                     "this federation uses secure aggregation: the node needs its --kit"
                 )
-            self.secagg = NodeSecAgg(self.client, self.kit, spec.federation_id)
+            self.secagg = NodeSecAgg(self.client, self.kit, spec.federation_id, spec.name)
         return spec
 
     def _build_trainer(self, spec: pb.FederationSpec) -> Trainer:
@@ -197,6 +206,7 @@ class Participant:
         trainer = self._build_trainer(spec)
         records: list[RoundRecord] = []
         try:
+            self.trained = self._resume(trainer)
             while True:
                 started = time.perf_counter()
                 kind, round_number, version = self._next_task()
@@ -217,6 +227,80 @@ class Participant:
             if self.client is not None:
                 self.client.close()
 
+    def _resume(self, trainer: Trainer) -> dict | None:
+        """Load the state the last process kept (collective); the round it trained, if any."""
+        if not self.cfg.save_round_state:
+            return None
+        found = latest_checkpoint(trainer.checkpoint_root())
+        if found is None:
+            return None
+        state = read_state(found).get("extra", {})
+        if state.get("federation") != self.federation_id:
+            self.log(f"not resuming from {found}: it belongs to another federation")
+            return None
+        trainer.load_checkpoint(found)
+        self.trained_versions.add(state["version"])
+        self.log(
+            f"resumed the inner state kept after round {state['round']} (model version "
+            f"{state['version']}) from {found}"
+        )
+        return state
+
+    def _local_round(
+        self, trainer: Trainer, spec: pb.FederationSpec, round_number: int, version: int,
+        global_weights: dict[str, torch.Tensor],
+    ) -> float:  # fmt: skip
+        """Train the round's H inner steps from the global model, and keep the result so that a
+        restarted process can push it without training again; the mean training loss. The data
+        position and schedule follow the model version, so training a version again (after a
+        restart or a failed round) repeats the same steps exactly."""
+        kept = self.trained
+        self.trained = None
+        if kept is not None and (kept["round"], kept["version"]) == (round_number, version):
+            self.log(f"round {round_number}: pushing the update trained before the restart")
+            return float(kept["train_loss"])
+        if version in self.trained_versions:
+            self._state_before(trainer, version)  # that round failed: this one replaces it
+        trainer.load_global(global_weights)
+        if self.cfg.reset_inner_optimizer:
+            trainer.reset_optimizer()
+        trainer.seek(version * spec.inner_steps)
+        steps = spec.inner_steps
+        if crash_points.armed("node.train"):
+            losses = trainer.train(steps // 2)
+            crash_points.reached("node.train", round_number)
+            losses += trainer.train(steps - steps // 2)
+        else:
+            losses = trainer.train(steps)
+        train_loss = sum(losses) / len(losses)
+        self.trained_versions.add(version)
+        if self.cfg.save_round_state:
+            kept = {"federation": self.federation_id, "round": round_number, "version": version,
+                    "train_loss": train_loss}  # fmt: skip
+            trainer.save_checkpoint(kept)
+            if self.env.is_main:  # the last two: this round's, and the state before it
+                prune_checkpoints(trainer.checkpoint_root(), keep_latest=2)
+        return train_loss
+
+    def _state_before(self, trainer: Trainer, version: int) -> None:
+        """Go back to the inner state this node had before it first trained `version` (whose
+        round then failed), so that the retried round repeats it exactly: the newest kept
+        state from an earlier version, else a fresh optimizer (collective)."""
+        earlier = None
+        root = trainer.checkpoint_root()
+        for directory in sorted(root.glob("step_*")) if self.cfg.save_round_state else ():
+            extra = read_state(directory).get("extra", {})
+            if extra.get("federation") == self.federation_id and extra["version"] < version:
+                earlier = directory
+        if earlier is not None:
+            trainer.load_checkpoint(earlier)
+        else:
+            trainer.reset_optimizer()
+        self.log(
+            f"version {version} is being trained again (its round failed): inner state "
+            f"{'from ' + str(earlier) if earlier else 'reset'}"
+        )
+
     def _next_task(self) -> tuple[int, int, int]:
         """Rank 0 long-polls until it has TRAIN or STOP; every rank learns (kind, round, version)."""
         task = (0, 0, 0)
@@ -225,6 +309,13 @@ class Participant:
                 reply = self._reconnecting(
                     lambda: self.client.get_task(self.cfg.poll_seconds), "get a task"
                 )
+                if (
+                    reply.kind in (pb.Task.TRAIN, *SECAGG_STAGES)
+                    and reply.round in self.left_rounds
+                ):
+                    # This node cannot take part in that round any more: wait for the next.
+                    time.sleep(min(self.cfg.poll_seconds, 1.0))
+                    continue
                 if reply.kind in (pb.Task.TRAIN, pb.Task.STOP):
                     task = (reply.kind, reply.round, reply.model_version)
                     break
@@ -243,15 +334,11 @@ class Participant:
         self, trainer: Trainer, spec: pb.FederationSpec, round_number: int, version: int
     ) -> RoundRecord:
         t0 = time.perf_counter()
-        global_weights = self._pull(version)
-        trainer.load_global(global_weights)
-        if self.cfg.reset_inner_optimizer:
-            trainer.reset_optimizer()
+        global_weights = self._pull(round_number, version)
         t1 = time.perf_counter()
-        losses = trainer.train(spec.inner_steps)
+        train_loss = self._local_round(trainer, spec, round_number, version, global_weights)
         t2 = time.perf_counter()
         local = trainer.full_weights()
-        train_loss = sum(losses) / len(losses)
         tokens = spec.inner_steps * trainer.cfg.tokens_per_step(self.env.world_size)
         pushed = True
         if self.env.is_main:
@@ -276,21 +363,34 @@ class Participant:
         stage = {pb.Task.SECAGG_ADVERTISE_KEYS: self.secagg.advertise, pb.Task.SECAGG_SHARE_KEYS: self.secagg.share,
                  pb.Task.SECAGG_UNMASK: self.secagg.unmask}[task.kind]  # fmt: skip
         try:
-            self._reconnecting(lambda: stage(task.round), pb.Task.Kind.Name(task.kind).lower())
+            name = pb.Task.Kind.Name(task.kind)
+            if task.kind == pb.Task.SECAGG_UNMASK:
+                crash_points.reached("node.unmask", task.round)
+            self._reconnecting(lambda: stage(task.round), name.lower())
+            if task.kind == pb.Task.SECAGG_ADVERTISE_KEYS:
+                crash_points.reached("node.advertise", task.round)
+            elif task.kind == pb.Task.SECAGG_SHARE_KEYS:
+                crash_points.reached("node.share", task.round)
         except SecAggRefused as e:
             self.log(f"round {task.round}: leaving secure aggregation: {e}")
+            self.left_rounds.add(task.round)
         except grpc.RpcError as e:
             if e.code() not in SKIP_ROUND_CODES:
                 raise
+            self.left_rounds.add(task.round)
             self.log(
                 f"round {task.round}: {pb.Task.Kind.Name(task.kind)} not taken ({e.details()})"
             )
 
-    def _pull(self, version: int) -> dict[str, torch.Tensor]:
+    def _pull(self, round_number: int, version: int) -> dict[str, torch.Tensor]:
         if self.env.is_main:
             weights = self._reconnecting(
-                lambda: self.client.pull_model(version, expected=self.model_specs), "pull"
-            )
+                lambda: self.client.pull_model(
+                    version, expected=self.model_specs,
+                    progress=lambda _n: crash_points.reached("node.pull", round_number),
+                ),
+                "pull",
+            )  # fmt: skip
         else:
             weights = {s.name: torch.empty(s.shape, dtype=torch.float32) for s in self.model_specs}
         return broadcast_tensors(weights, self.env)
@@ -305,17 +405,26 @@ class Participant:
             return False
         try:
             if self.secagg is not None:  # only the masked, quantized update leaves the node
-                delta = self.secagg.mask(round_number, delta, tokens)
+                unmasked = delta
+                delta = self._reconnecting(
+                    lambda: self.secagg.mask(round_number, version, unmasked, tokens), "mask"
+                )
             self._reconnecting(
-                lambda: self.client.push_update(round_number, version, delta, tokens, loss), "push"
-            )
+                lambda: self.client.push_update(
+                    round_number, version, delta, tokens, loss,
+                    progress=lambda _n: crash_points.reached("node.upload", round_number),
+                ),
+                "push",
+            )  # fmt: skip
         except SecAggRefused as e:
             self.log(f"round {round_number}: not sending an update: {e}")
+            self.left_rounds.add(round_number)
             return False
         except grpc.RpcError as e:
             if e.code() not in SKIP_ROUND_CODES:
                 raise
             self.log(f"round {round_number}: update not taken ({e.code().name}: {e.details()})")
+            self.left_rounds.add(round_number)
             return False
         return True
 

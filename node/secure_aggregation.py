@@ -36,8 +36,11 @@ class RoundSecrets:
 
 
 class NodeSecAgg:
-    def __init__(self, client, kit: pki.StartupKit, federation_id: str) -> None:
+    def __init__(
+        self, client, kit: pki.StartupKit, federation_id: str, federation_name: str = ""
+    ) -> None:
         self.client, self.kit, self.federation_id = client, kit, federation_id
+        self.federation_name = federation_name or federation_id
         self.rounds: dict[int, RoundSecrets] = {}
 
     @property
@@ -110,9 +113,10 @@ class NodeSecAgg:
         return secagg.share_key(shared, self.federation_id, round_number, sender, recipient)
 
     def mask(
-        self, round_number: int, delta: Mapping[str, torch.Tensor], num_tokens: int
+        self, round_number: int, version: int, delta: Mapping[str, torch.Tensor], num_tokens: int
     ) -> dict[str, torch.Tensor]:
-        """The quantized, weighted, masked update to push instead of `delta`."""
+        """The quantized, weighted, masked update to push instead of `delta` (the update to
+        model `version`)."""
         mine = self._secrets(round_number)
         state = self.client.secagg_state(round_number)
         holders = list(state.share_holders)
@@ -134,7 +138,10 @@ class NodeSecAgg:
             weight
         )
         cfg = secagg.QuantizationConfig(clip=params.clip, scale=params.scale)
-        masked = secagg.quantize(flat, cfg, np.random.default_rng())
+        rounding = secagg.rounding_rng(
+            self.kit.identity_key.private_bytes_raw(), self.federation_name, version
+        )
+        masked = secagg.quantize(flat, cfg, rounding)
         secagg.mask_chunk(masked, 0, mine.self_seed, pair_seeds, self.node_id)
         out, start = {}, 0
         values = torch.from_numpy(masked)

@@ -271,10 +271,12 @@ class Trainer:
             raise TrainingError("this trainer has no output folder to checkpoint into")
         return self.out_dir / "checkpoints"
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, extra: dict | None = None) -> Path:
+        """A resumable checkpoint; `extra` (JSON) comes back from load_checkpoint."""
         directory = self.checkpoint_root() / f"step_{self.step:08d}"
         metadata = weights_metadata(self.model_config, self.tokenizer_spec)
         state = {
+            "extra": extra or {},
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "world_size": self.env.world_size,
@@ -294,7 +296,8 @@ class Trainer:
         self._log(f"step {self.step:>6} | checkpoint {directory}")
         return directory
 
-    def load_checkpoint(self, directory: Path) -> None:
+    def load_checkpoint(self, directory: Path) -> dict:
+        """Resume from `directory`; returns the `extra` it was saved with."""
         state = load_checkpoint(directory, self.module, self.optimizer)
         if state["model_config"] != self.model_config.to_dict():
             raise TrainingError(f"checkpoint {directory} was made for another model config")
@@ -311,6 +314,12 @@ class Trainer:
             )
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self._log(f"resumed from {directory} at step {self.step}")
+        return state.get("extra", {})
+
+    def seek(self, step: int) -> None:
+        """Continue the data order and learning-rate schedule from `step`."""
+        self.step = step
+        self.tokens_seen = step * self.cfg.tokens_per_step(self.env.world_size)
 
     # ---- federated rounds ---------------------------------------------------------------------
     def load_global(self, weights: dict[str, torch.Tensor]) -> None:

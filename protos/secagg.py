@@ -74,6 +74,7 @@ _PAIR_TAG = b"fedpt/secagg/pair/v1"
 _KEYS_TAG = b"fedpt/secagg/keys/v1"
 _SHARE_KEY_TAG = b"fedpt/secagg/share-key/v1"
 _SHARES_AAD_TAG = b"fedpt/secagg/shares/v1"
+_ROUNDING_TAG = b"fedpt/secagg/rounding/v1"
 
 
 # --- canonical encoding (signed messages, HKDF info, AAD) ---
@@ -188,6 +189,16 @@ def quantize(x: np.ndarray, cfg: QuantizationConfig, rng: np.random.Generator) -
     q += rng.random(v.shape) < v
     # |q| <= clip * scale + 1 < 2^31 (checked by the config), so int32 holds it exactly.
     return q.astype(np.int32).view(np.uint32).reshape(np.shape(x))
+
+
+def rounding_rng(node_secret: bytes, federation: str, model_version: int) -> np.random.Generator:
+    """The stochastic-rounding generator of one node's update to one model version: secret
+    (keyed by the node's own long-term key), yet the same when a restarted node or a retried
+    round trains that version again, so that such an update is reproduced exactly. Keyed by the
+    federation's name, not its random id, so that a federation run again with the same
+    settings and kits rounds identically (what makes runs comparable bit for bit)."""
+    seed = _hkdf(node_secret, _encode(_ROUNDING_TAG, federation, model_version))
+    return np.random.default_rng(np.frombuffer(seed, dtype=np.uint32))
 
 
 def dequantize_sum(total: np.ndarray, cfg: QuantizationConfig) -> np.ndarray:

@@ -101,7 +101,10 @@ def run_node(
         elif stage == "input":
             global_params = client.pull_model(task.model_version)
             masked = sec.mask(
-                task.round, delta_for(index, global_params), num_tokens=UNIT * (index + 1)
+                task.round,
+                task.model_version,
+                delta_for(index, global_params),
+                num_tokens=UNIT * (index + 1),
             )
             client.push_update(task.round, task.model_version, masked, UNIT * (index + 1), 1.0)
             log.append((index, "pushed", task.round))
