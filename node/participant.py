@@ -335,6 +335,10 @@ class Participant:
     ) -> RoundRecord:
         t0 = time.perf_counter()
         global_weights = self._pull(round_number, version)
+        if global_weights is None:  # the round moved on while this node was away
+            self.left_rounds.add(round_number)
+            return RoundRecord(round_number, version, 0.0, time.perf_counter() - t0, 0.0, 0.0,
+                               math.nan, 0, False)  # fmt: skip
         t1 = time.perf_counter()
         train_loss = self._local_round(trainer, spec, round_number, version, global_weights)
         t2 = time.perf_counter()
@@ -382,16 +386,27 @@ class Participant:
                 f"round {task.round}: {pb.Task.Kind.Name(task.kind)} not taken ({e.details()})"
             )
 
-    def _pull(self, round_number: int, version: int) -> dict[str, torch.Tensor]:
+    def _pull(self, round_number: int, version: int) -> dict[str, torch.Tensor] | None:
+        """The global model on every rank; None (on every rank) when the aggregator no longer
+        serves `version`: a newer model was committed while this node was away."""
+        weights = None
         if self.env.is_main:
-            weights = self._reconnecting(
-                lambda: self.client.pull_model(
-                    version, expected=self.model_specs,
-                    progress=lambda _n: crash_points.reached("node.pull", round_number),
-                ),
-                "pull",
-            )  # fmt: skip
-        else:
+            try:
+                weights = self._reconnecting(
+                    lambda: self.client.pull_model(
+                        version, expected=self.model_specs,
+                        progress=lambda _n: crash_points.reached("node.pull", round_number),
+                    ),
+                    "pull",
+                )  # fmt: skip
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                self.log(f"round {round_number}: skipped, the model moved on ({e.details()})")
+        superseded = broadcast_bytes(b"skip" if weights is None else b"pull", self.env) == b"skip"
+        if superseded:
+            return None
+        if not self.env.is_main:
             weights = {s.name: torch.empty(s.shape, dtype=torch.float32) for s in self.model_specs}
         return broadcast_tensors(weights, self.env)
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class Settings:
     inner_steps: int = 4
     round_timeout: float = 60.0
     stage_timeout: float = 60.0
+    min_nodes: int = 0  # 0: every organisation
 
     def aggregator_toml(self, root: Path, pki_dir: Path, port: int) -> str:
         security = f'kit = "{pki_dir / "aggregator"}"' if self.secure else "insecure = true"
@@ -87,7 +89,7 @@ warmup_steps = 2
 lr = 0.003
 
 [round]
-min_nodes = {len(ORGANISATIONS)}
+min_nodes = {self.min_nodes or len(ORGANISATIONS)}
 timeout_seconds = {self.round_timeout}
 start_grace_seconds = 0.2
 deterministic = true
@@ -166,9 +168,16 @@ class FaultyFederation:
         )
         log.close()
 
-    def run(self) -> RunResult:
+    def run(
+        self,
+        first: tuple[str, ...] = ORGANISATIONS,
+        while_running: Callable[[FaultyFederation], None] | None = None,
+    ) -> RunResult:
+        """Start the aggregator and the `first` nodes, and run until every process has ended;
+        `while_running(self)` is called every tenth of a second meanwhile (to start or pause
+        processes as the rounds go by)."""
         self._start("aggregator")
-        for org in ORGANISATIONS:
+        for org in first:
             self._start(org)
         give_up = time.monotonic() + RUN_LIMIT_SECONDS
         try:
@@ -184,6 +193,8 @@ class FaultyFederation:
                         raise AssertionError(f"{name} exited with {code}:\n{self._tail(name)}")
                 if all(p.poll() == 0 for p in self.procs.values()):
                     break
+                if while_running is not None:
+                    while_running(self)
                 time.sleep(0.1)
             else:
                 raise AssertionError(
@@ -201,6 +212,40 @@ class FaultyFederation:
         path = self.root / f"{name}.{self.starts[name]}.log"
         text = path.read_text() if path.exists() else ""
         return f"--- {path.name}\n" + "\n".join(text.splitlines()[-lines:])
+
+    def start(self, name: str) -> None:
+        self._start(name)
+
+    def signal(self, name: str, sig: int) -> None:
+        self.procs[name].send_signal(sig)
+
+    def rounds(self) -> list[tuple[int, str, int, int | None, tuple[str, ...]]]:
+        """(number, state, base version, result version, participating organisations) of
+        every round so far, read from the aggregator's database."""
+        path = self.root / "aggregator" / "fedpt.db"
+        if not path.exists():
+            return []
+        store = Store(f"sqlite:///{path}")
+        try:
+            found = store.find_federation("faults")
+            if found is None:
+                return []
+            organisation = {n.id: n.organisation for n in store.nodes(found[0])}
+            return [(r.number, r.state, r.base_version, r.result_version,
+                     tuple(sorted(organisation[p] for p in r.participants)))
+                    for r in store.rounds(found[0])]  # fmt: skip
+        finally:
+            store.close()
+
+    def uploaders(self, number: int) -> list[str]:
+        """The organisations whose update round `number` received."""
+        store = Store(f"sqlite:///{self.root / 'aggregator' / 'fedpt.db'}")
+        try:
+            federation_id = store.find_federation("faults")[0]
+            organisation = {n.id: n.organisation for n in store.nodes(federation_id)}
+            return sorted(organisation[s.node_id] for s in store.submissions(federation_id, number))
+        finally:
+            store.close()
 
     # ---- what the aggregator committed ---------------------------------------------------------
     def _result(self) -> RunResult:

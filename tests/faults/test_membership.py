@@ -1,0 +1,81 @@
+"""Nodes coming and going in a running federation of real processes: a node that joins late
+starts from the latest global model, and a straggler (frozen with SIGSTOP past the round's
+deadline) is excluded from that round and takes part again afterwards."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.faults.harness import ORGANISATIONS, FaultyFederation, Settings
+
+pytestmark = pytest.mark.faults
+
+A, B, C = ORGANISATIONS
+# A quorum of two, and a deadline the two quick nodes meet easily (a round takes ~1 s); enough
+# rounds that the federation is still running when the late node has started (a few seconds).
+SETTINGS = Settings(secure=False, rounds=25, min_nodes=2, round_timeout=6.0)
+
+
+class Script:
+    """What the test does as rounds go by: start C once version 1 is committed; freeze it as
+    soon as its first update is accepted (rounds take a fraction of a second, so it is still
+    counted as ready and is made a participant of the next round), and let it go once that
+    round has closed."""
+
+    def __init__(self) -> None:
+        self.phase = "wait-for-version-1"
+        self.joined_after_version = -1
+        self.first_round = -1
+        self.frozen_round = -1
+
+    def __call__(self, fed: FaultyFederation) -> None:
+        rounds = fed.rounds()
+        committed = [r[3] for r in rounds if r[1] == "COMMITTED"]
+        if self.phase == "wait-for-version-1" and committed:
+            self.joined_after_version = max(committed)
+            fed.start(C)
+            self.phase = "wait-for-first-update"
+        elif self.phase == "wait-for-first-update":
+            mine = [r[0] for r in rounds if C in r[4] and C in fed.uploaders(r[0])]
+            if mine:
+                fed.signal(C, signal.SIGSTOP)
+                self.first_round = mine[0]
+                self.phase = "frozen"
+        elif self.phase == "frozen":
+            closed = [r[0] for r in rounds if r[0] > self.first_round and C in r[4]
+                      and r[1] in ("COMMITTED", "FAILED")]  # fmt: skip
+            if closed:
+                self.frozen_round = closed[0]
+                fed.signal(C, signal.SIGCONT)
+                self.phase = "released"
+
+
+def test_late_joiner_and_straggler(tmp_path: Path) -> None:
+    fed = FaultyFederation(tmp_path, SETTINGS, [])
+    script = Script()
+    fed.run(first=(A, B), while_running=script)
+    assert script.phase == "released", f"the script stopped at {script.phase}"
+    rounds = {r[0]: r for r in fed.rounds()}
+    committed = [r[3] for r in rounds.values() if r[1] == "COMMITTED"]
+    assert committed == list(range(1, SETTINGS.rounds + 1))
+
+    # The late joiner's first round trained from the latest model at the time, version ≥ 1.
+    first = rounds[script.first_round]
+    assert first[2] >= script.joined_after_version >= 1
+    records = [json.loads(line) for line in (tmp_path / "nodes" / C / "rounds.jsonl").open()]
+    assert records[0]["round"] == script.first_round and records[0]["version"] == first[2]
+
+    # The straggler: a participant of the frozen round, excluded from it, which still committed.
+    frozen = rounds[script.frozen_round]
+    assert C in frozen[4] and frozen[1] == "COMMITTED"
+    assert fed.uploaders(script.frozen_round) == [A, B]
+    later = [n for n in rounds if n > script.frozen_round and C in fed.uploaders(n)]
+    assert later, f"{C} took no part after round {script.frozen_round}: {fed.rounds()}"
+    log = (tmp_path / f"{C}.1.log").read_text()
+    # Thawed, it found its round closed: its upload refused, or its model no longer served.
+    assert (f"round {script.frozen_round}: update not taken" in log
+            or f"round {script.frozen_round}: skipped, the model moved on" in log), log  # fmt: skip
