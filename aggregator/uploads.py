@@ -10,6 +10,7 @@ what a restarted aggregator rebuilds the round's sum from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.accumulator import StreamingAccumulator
-from aggregator.errors import DeadlineExceeded, InvalidArgument
+from aggregator.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from protos.codec import ChunkVerifier, CodecError, Manifest
 
 
@@ -39,8 +40,11 @@ class UploadSession:
         self.verifier = ChunkVerifier(manifest)
         self.part_path = spool_dir / f"{node_id}.part"
         self.delta_path = spool_dir / f"{node_id}.delta"
-        spool_dir.mkdir(parents=True, exist_ok=True)
-        self._spool = open(self.part_path, "wb")  # noqa: SIM115 (closed in complete/discard)
+        try:
+            spool_dir.mkdir(parents=True, exist_ok=True)
+            self._spool = open(self.part_path, "wb")  # noqa: SIM115 (closed in complete/discard)
+        except OSError as e:
+            raise _storage_failed(e) from e
         self._sha = hashlib.sha256()
         self.streaming = False  # a PushUpdate stream is feeding this session now
         self.cancelled = False
@@ -63,7 +67,10 @@ class UploadSession:
                 raise DeadlineExceeded(
                     f"round {self.round_number} closed while this upload was arriving"
                 )
-            self._spool.write(data)
+            try:
+                self._spool.write(data)
+            except OSError as e:  # the caller discards this session: nothing half-written stays
+                raise _storage_failed(e) from e
             self._sha.update(data)
             finite = accumulator.add(start, data, self.weight)
         if not finite:
@@ -73,10 +80,13 @@ class UploadSession:
         """Make the complete upload durable and count its weight."""
         if self._sha.digest() != self.manifest.sha256:
             raise InvalidArgument("the upload's bytes do not match the manifest's sha256")
-        self._spool.flush()
-        os.fsync(self._spool.fileno())
-        self._spool.close()
-        os.replace(self.part_path, self.delta_path)
+        try:
+            self._spool.flush()
+            os.fsync(self._spool.fileno())
+            self._spool.close()
+            os.replace(self.part_path, self.delta_path)
+        except OSError as e:
+            raise _storage_failed(e) from e
         with accumulator.lock:
             accumulator.add_weight(self.weight)
         self.complete = True
@@ -89,10 +99,18 @@ class UploadSession:
         """Forget this upload's bytes (the caller rebuilds the accumulator without them)."""
         self.cancelled = True
         if not self._spool.closed:
-            self._spool.close()
+            with contextlib.suppress(OSError):  # buffered bytes a full disk cannot take: unneeded
+                self._spool.close()
         self.part_path.unlink(missing_ok=True)
         self.delta_path.unlink(missing_ok=True)
 
     def flush(self) -> None:
         if not self._spool.closed:
             self._spool.flush()
+
+
+def _storage_failed(error: OSError) -> Unavailable:
+    """Disk full or failing: the node should retry later (its upload is not kept)."""
+    return Unavailable(
+        f"the aggregator could not store this upload ({error.strerror or error}); retry later"
+    )

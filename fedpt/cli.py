@@ -397,6 +397,9 @@ def add_node_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument(
         "--save-deltas", action="store_true", default=None, help="keep every pushed delta"
     )
+    join.add_argument("--no-round-state", dest="save_round_state", action="store_false",
+                      default=None, help="do not keep the inner state after each round on disk "
+                      "(a restarted node then starts its optimizer afresh)")  # fmt: skip
     join.add_argument("--insecure", action="store_true", default=None,
                       help="plain text, no certificates (trusted networks and tests only)")  # fmt: skip
     join.set_defaults(func=cmd_node_join)
@@ -449,7 +452,8 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
 def cmd_node_join(args: argparse.Namespace) -> int:
     from node.participant import load_node_config
 
-    flags = (*NODE_FLAGS, "nproc_per_node", "reset_inner_optimizer", "save_deltas", "insecure")
+    flags = (*NODE_FLAGS, "nproc_per_node", "reset_inner_optimizer", "save_deltas",
+             "save_round_state", "insecure")  # fmt: skip
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     cfg = load_node_config(args.config, overrides)
     if cfg.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:

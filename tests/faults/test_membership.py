@@ -46,8 +46,9 @@ class Script:
                 self.first_round = mine[0]
                 self.phase = "frozen"
         elif self.phase == "frozen":
+            # (It may have squeezed one more round in before it stopped: not that one.)
             closed = [r[0] for r in rounds if r[0] > self.first_round and C in r[4]
-                      and r[1] in ("COMMITTED", "FAILED")]  # fmt: skip
+                      and r[1] in ("COMMITTED", "FAILED") and C not in fed.uploaders(r[0])]  # fmt: skip
             if closed:
                 self.frozen_round = closed[0]
                 fed.signal(C, signal.SIGCONT)
