@@ -33,28 +33,27 @@ def parse_request(message_class: type[Message], raw: bytes, limit: int) -> Messa
         raise InvalidArgument(f"the request is not a valid {message_class.__name__}: {e}") from e
 
 
-def _refuse(context: grpc.ServicerContext, refusal: Refused) -> None:
-    context.abort(grpc.StatusCode[refusal.code], refusal.message)
+def _parsed_or_aborted(
+    request_class: type[Message], raw: bytes, limit: int, context: grpc.ServicerContext
+) -> Message:
+    """The request, or the call ends here with the refusal's status (abort raises)."""
+    try:
+        return parse_request(request_class, raw, limit)
+    except Refused as e:
+        context.abort(grpc.StatusCode[e.code], e.message)
+        raise  # not reached: abort raises
 
 
 def _unary_request(method: Callable, request_class: type[Message], limit: int) -> Callable:
     def handle(raw: bytes, context: grpc.ServicerContext):
-        try:
-            request = parse_request(request_class, raw, limit)
-        except Refused as e:
-            _refuse(context, e)
-        return method(request, context)
+        return method(_parsed_or_aborted(request_class, raw, limit, context), context)
 
     return handle
 
 
 def _streaming_reply(method: Callable, request_class: type[Message], limit: int) -> Callable:
     def handle(raw: bytes, context: grpc.ServicerContext):
-        try:
-            request = parse_request(request_class, raw, limit)
-        except Refused as e:
-            _refuse(context, e)
-        yield from method(request, context)
+        yield from method(_parsed_or_aborted(request_class, raw, limit, context), context)
 
     return handle
 

@@ -192,9 +192,7 @@ class SecAggRound:
         """The masked-input stage ends with these uploads (U3)."""
         self.survivors = sorted(survivors)
         if len(self.survivors) < self._needed():
-            return (
-                f"only {len(self.survivors)} masked update(s) arrived; {self._needed()} needed"
-            )
+            return f"only {len(self.survivors)} masked update(s) arrived; {self._needed()} needed"
         self._next(Stage.UNMASK, now)
         return None
 
