@@ -237,6 +237,14 @@ class FaultyFederation:
         finally:
             store.close()
 
+    def organisations(self) -> list[str]:
+        """The organisations that have joined."""
+        store = Store(f"sqlite:///{self.root / 'aggregator' / 'fedpt.db'}")
+        try:
+            return sorted(n.organisation for n in store.nodes(store.find_federation("faults")[0]))
+        finally:
+            store.close()
+
     def uploaders(self, number: int) -> list[str]:
         """The organisations whose update round `number` received."""
         store = Store(f"sqlite:///{self.root / 'aggregator' / 'fedpt.db'}")

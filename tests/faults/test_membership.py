@@ -21,7 +21,9 @@ SETTINGS = Settings(secure=False, rounds=25, min_nodes=2, round_timeout=6.0)
 
 
 class Script:
-    """What the test does as rounds go by: start C once version 1 is committed; freeze it as
+    """What the test does as rounds go by: start C once version 1 is committed, with A and B
+    paused until it has joined (a node takes seconds to start; rounds a fraction of one, and
+    the federation would be over); freeze it as
     soon as its first update is accepted (rounds take a fraction of a second, so it is still
     counted as ready and is made a participant of the next round), and let it go once that
     round has closed."""
@@ -36,8 +38,14 @@ class Script:
         rounds = fed.rounds()
         committed = [r[3] for r in rounds if r[1] == "COMMITTED"]
         if self.phase == "wait-for-version-1" and committed:
-            self.joined_after_version = max(committed)
+            for org in (A, B):
+                fed.signal(org, signal.SIGSTOP)
+            self.joined_after_version = max(r[3] for r in fed.rounds() if r[1] == "COMMITTED")
             fed.start(C)
+            self.phase = "wait-for-join"
+        elif self.phase == "wait-for-join" and C in fed.organisations():
+            for org in (A, B):
+                fed.signal(org, signal.SIGCONT)
             self.phase = "wait-for-first-update"
         elif self.phase == "wait-for-first-update":
             mine = [r[0] for r in rounds if C in r[4] and C in fed.uploaders(r[0])]
