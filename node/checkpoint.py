@@ -135,10 +135,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load weights, optimizer state and RNG into the (already parallelized) model and
     optimizer; returns the saved trainer state. Every rank calls it."""
-    try:
-        state = json.loads((directory / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {directory / STATE_FILE}: {e}") from e
+    state = read_state(directory)
     weights, _ = load_tensors(directory / "model.safetensors")
     optim_tensors, _ = load_tensors(directory / "optimizer.safetensors")
     opts = StateDictOptions(full_state_dict=True, strict=False)

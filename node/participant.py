@@ -69,7 +69,8 @@ class NodeConfig:
     reconnect_timeout_seconds: float = 300.0  # give up after the aggregator is away this long
     save_deltas: bool = False  # audit trail: every pushed delta in work_dir/deltas/
     # After each round's training, keep the local model and inner optimizer state in
-    # work_dir/checkpoints/ (the last round only): a restarted node resumes exactly.
+    # work_dir/checkpoints/ (the last two rounds): a restarted node resumes exactly, and a
+    # version trained again after a failed round starts from the state before it.
     save_round_state: bool = True
     kit: str = ""  # this organisation's startup kit (`fedpt ca issue`): mutual TLS
     insecure: bool = (
@@ -366,8 +367,8 @@ class Participant:
             )
         stage = {pb.Task.SECAGG_ADVERTISE_KEYS: self.secagg.advertise, pb.Task.SECAGG_SHARE_KEYS: self.secagg.share,
                  pb.Task.SECAGG_UNMASK: self.secagg.unmask}[task.kind]  # fmt: skip
+        name = pb.Task.Kind.Name(task.kind)
         try:
-            name = pb.Task.Kind.Name(task.kind)
             if task.kind == pb.Task.SECAGG_UNMASK:
                 crash_points.reached("node.unmask", task.round)
             self._reconnecting(lambda: stage(task.round), name.lower())
@@ -382,9 +383,7 @@ class Participant:
             if e.code() not in SKIP_ROUND_CODES:
                 raise
             self.left_rounds.add(task.round)
-            self.log(
-                f"round {task.round}: {pb.Task.Kind.Name(task.kind)} not taken ({e.details()})"
-            )
+            self.log(f"round {task.round}: {name} not taken ({e.details()})")
 
     def _pull(self, round_number: int, version: int) -> dict[str, torch.Tensor] | None:
         """The global model on every rank; None (on every rank) when the aggregator no longer
@@ -419,14 +418,14 @@ class Participant:
             self.log(f"round {round_number}: local training diverged; not sending an update")
             return False
         try:
+            update = delta
             if self.secagg is not None:  # only the masked, quantized update leaves the node
-                unmasked = delta
-                delta = self._reconnecting(
-                    lambda: self.secagg.mask(round_number, version, unmasked, tokens), "mask"
+                update = self._reconnecting(
+                    lambda: self.secagg.mask(round_number, version, delta, tokens), "mask"
                 )
             self._reconnecting(
                 lambda: self.client.push_update(
-                    round_number, version, delta, tokens, loss,
+                    round_number, version, update, tokens, loss,
                     progress=lambda _n: crash_points.reached("node.upload", round_number),
                 ),
                 "push",

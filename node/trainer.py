@@ -272,7 +272,7 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save_checkpoint(self, extra: dict | None = None) -> Path:
-        """A resumable checkpoint; `extra` (JSON) comes back from load_checkpoint."""
+        """A resumable checkpoint; `extra` (JSON) is kept in its state (node.checkpoint.read_state)."""
         directory = self.checkpoint_root() / f"step_{self.step:08d}"
         metadata = weights_metadata(self.model_config, self.tokenizer_spec)
         state = {
@@ -296,8 +296,7 @@ class Trainer:
         self._log(f"step {self.step:>6} | checkpoint {directory}")
         return directory
 
-    def load_checkpoint(self, directory: Path) -> dict:
-        """Resume from `directory`; returns the `extra` it was saved with."""
+    def load_checkpoint(self, directory: Path) -> None:
         state = load_checkpoint(directory, self.module, self.optimizer)
         if state["model_config"] != self.model_config.to_dict():
             raise TrainingError(f"checkpoint {directory} was made for another model config")
@@ -314,7 +313,6 @@ class Trainer:
             )
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self._log(f"resumed from {directory} at step {self.step}")
-        return state.get("extra", {})
 
     def seek(self, step: int) -> None:
         """Continue the data order and learning-rate schedule from `step`."""

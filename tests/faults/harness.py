@@ -11,13 +11,14 @@ wall-clock limit and killed at the end whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,7 +155,7 @@ class FaultyFederation:
                 "--data", str(self.root / "data" / name), "--organisation", name,
                 "--work-dir", str(self.root / "nodes" / name), "--poll-seconds", "1"]  # fmt: skip
 
-    def _start(self, name: str) -> None:
+    def start(self, name: str) -> None:
         fault = next((f for f in self.pending if f.process == name), None)
         env = dict(self.env)
         if fault is not None:
@@ -176,9 +177,9 @@ class FaultyFederation:
         """Start the aggregator and the `first` nodes, and run until every process has ended;
         `while_running(self)` is called every tenth of a second meanwhile (to start or pause
         processes as the rounds go by)."""
-        self._start("aggregator")
+        self.start("aggregator")
         for org in first:
-            self._start(org)
+            self.start(org)
         give_up = time.monotonic() + RUN_LIMIT_SECONDS
         try:
             while time.monotonic() < give_up:
@@ -188,7 +189,7 @@ class FaultyFederation:
                         continue
                     if code == -signal.SIGKILL and self.armed.get(name) is not None:
                         self.deaths.append(self.armed[name])
-                        self._start(name)
+                        self.start(name)
                     elif code != 0:
                         raise AssertionError(f"{name} exited with {code}:\n{self._tail(name)}")
                 if all(p.poll() == 0 for p in self.procs.values()):
@@ -213,59 +214,57 @@ class FaultyFederation:
         text = path.read_text() if path.exists() else ""
         return f"--- {path.name}\n" + "\n".join(text.splitlines()[-lines:])
 
-    def start(self, name: str) -> None:
-        self._start(name)
-
     def signal(self, name: str, sig: int) -> None:
         self.procs[name].send_signal(sig)
 
-    def rounds(self) -> list[tuple[int, str, int, int | None, tuple[str, ...]]]:
-        """(number, state, base version, result version, participating organisations) of
-        every round so far, read from the aggregator's database."""
+    # ---- what the aggregator's database says ----------------------------------------------------
+    @contextlib.contextmanager
+    def _database(self) -> Iterator[tuple[Store, str, dict[str, str]] | None]:
+        """(store, federation id, node id -> organisation); None before the federation exists."""
         path = self.root / "aggregator" / "fedpt.db"
         if not path.exists():
-            return []
+            yield None
+            return
         store = Store(f"sqlite:///{path}")
         try:
             found = store.find_federation("faults")
             if found is None:
-                return []
-            organisation = {n.id: n.organisation for n in store.nodes(found[0])}
-            return [(r.number, r.state, r.base_version, r.result_version,
-                     tuple(sorted(organisation[p] for p in r.participants)))
-                    for r in store.rounds(found[0])]  # fmt: skip
+                yield None
+            else:
+                organisation = {n.id: n.organisation for n in store.nodes(found[0])}
+                yield store, found[0], organisation
         finally:
             store.close()
+
+    def rounds(self) -> list[tuple[int, str, int, int | None, tuple[str, ...]]]:
+        """(number, state, base version, result version, participating organisations) of
+        every round so far."""
+        with self._database() as db:
+            if db is None:
+                return []
+            store, federation_id, organisation = db
+            return [(r.number, r.state, r.base_version, r.result_version,
+                     tuple(sorted(organisation[p] for p in r.participants)))
+                    for r in store.rounds(federation_id)]  # fmt: skip
 
     def organisations(self) -> list[str]:
         """The organisations that have joined."""
-        store = Store(f"sqlite:///{self.root / 'aggregator' / 'fedpt.db'}")
-        try:
-            return sorted(n.organisation for n in store.nodes(store.find_federation("faults")[0]))
-        finally:
-            store.close()
+        with self._database() as db:
+            return [] if db is None else sorted(db[2].values())
 
     def uploaders(self, number: int) -> list[str]:
         """The organisations whose update round `number` received."""
-        store = Store(f"sqlite:///{self.root / 'aggregator' / 'fedpt.db'}")
-        try:
-            federation_id = store.find_federation("faults")[0]
-            organisation = {n.id: n.organisation for n in store.nodes(federation_id)}
+        with self._database() as db:
+            assert db is not None, "no federation in the database"
+            store, federation_id, organisation = db
             return sorted(organisation[s.node_id] for s in store.submissions(federation_id, number))
-        finally:
-            store.close()
 
-    # ---- what the aggregator committed ---------------------------------------------------------
     def _result(self) -> RunResult:
-        store = Store(f"sqlite:///{self.root / 'aggregator' / 'fedpt.db'}")
-        try:
-            found = store.find_federation("faults")
-            assert found is not None, "no federation in the database"
-            rounds = [(r.number, r.state, r.base_version, r.result_version)
-                      for r in store.rounds(found[0])]  # fmt: skip
-            latest = store.latest_checkpoint(found[0])
-        finally:
-            store.close()
+        with self._database() as db:
+            assert db is not None, "no federation in the database"
+            store, federation_id, _ = db
+            latest = store.latest_checkpoint(federation_id)
+        rounds = [r[:4] for r in self.rounds()]
         final, _ = load_tensors(Path(latest.path))
         logs = {path.name: path.read_text() for path in sorted(self.root.glob("*.log"))}
         return RunResult(final, rounds, list(self.deaths), logs)
