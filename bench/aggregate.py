@@ -61,15 +61,14 @@ from typing import TypeVar
 
 import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import median, print_table
+from fedpt.simulate import wait_until_serving
 from model.config import ConfigError, ModelConfig, preset
 from node.client import SESSION_METADATA, AggregatorClient, TransferError
 from protos import federation_pb2 as pb
 from protos.codec import CodecError, EncodedPayload, encode, update_messages
 
-SERVICE_NAME = "fedpt.v1.Federation"
 BYTE_VOCAB = 259  # the byte-level tokenizer the aggregator uses when [federation] has none
 NUM_TOKENS = 1000
 T = TypeVar("T")
@@ -199,21 +198,11 @@ class AggregatorProcess:
 
     def wait_serving(self, timeout: float) -> None:
         """Poll the grpc.health.v1 service until it says SERVING."""
-        give_up = time.monotonic() + timeout
         with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < give_up:
-                if self.proc.poll() is not None:
-                    raise BenchError(f"the aggregator exited with status {self.proc.returncode}")
-                try:
-                    reply = stub.Check(
-                        health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
+            if wait_until_serving(channel, self.proc, timeout):
+                return
+        if self.proc.poll() is not None:
+            raise BenchError(f"the aggregator exited with status {self.proc.returncode}")
         raise BenchError(f"the aggregator was not SERVING within {timeout:.0f}s")
 
     def stop(self) -> None:

@@ -41,6 +41,14 @@ def random_shards(
     return TokenShards(folder / "train")
 
 
+def empty_run_folder(root: Path) -> Path:
+    """`root`, created; a folder that already holds something is refused (--out)."""
+    if root.exists() and any(root.iterdir()):
+        raise SystemExit(f"{root} is not empty; choose another --out")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

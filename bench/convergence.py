@@ -53,6 +53,7 @@ import torch
 from aggregator.checkpoints import CheckpointStore
 from aggregator.store import Store
 from bench.common import (
+    empty_run_folder,
     federation_spec,
     median,
     node_round_records,
@@ -183,10 +184,7 @@ def main() -> None:
     union = "builtin:" + ",".join(orgs)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedpt-convergence-") as tmp:
-        root = args.out or Path(tmp)
-        if root.exists() and any(root.iterdir()):
-            raise SystemExit(f"{root} is not empty; choose another --out")
-        root.mkdir(parents=True, exist_ok=True)
+        root = empty_run_folder(args.out or Path(tmp))
 
         t0 = time.perf_counter()
         for source in (*[f"builtin:{o}" for o in orgs], union):

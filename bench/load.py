@@ -55,6 +55,7 @@ from typing import IO, Any
 
 import grpc
 
+from fedpt.simulate import wait_until_serving
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from protos import pki
@@ -354,24 +355,11 @@ class ThreadPeak(threading.Thread):
 def wait_serving(address: str, proc: subprocess.Popen, kit: pki.StartupKit | None,
                  timeout: float) -> None:  # fmt: skip
     """Poll grpc.health.v1 (over mutual TLS with a client's kit, when given) until SERVING."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    give_up = time.monotonic() + timeout
     with open_channel(address, kit) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < give_up:
-            if proc.poll() is not None:
-                raise BenchError(f"the aggregator exited with status {proc.returncode}")
-            try:
-                request = health_pb2.HealthCheckRequest(service="fedpt.v1.Federation")
-                if (
-                    stub.Check(request, timeout=1.0).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
+        if wait_until_serving(channel, proc, timeout):
+            return
+    if proc.poll() is not None:
+        raise BenchError(f"the aggregator exited with status {proc.returncode}")
     raise BenchError(f"the aggregator was not SERVING within {timeout:.0f}s")
 
 

@@ -63,7 +63,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.store import Store
-from bench.common import federation_spec, median, node_round_records, print_table, run_fedpt
+from bench.common import (
+    empty_run_folder,
+    federation_spec,
+    median,
+    node_round_records,
+    print_table,
+    run_fedpt,
+)
 from model.config import ModelConfig, preset
 from node.local_training import cache_dir
 
@@ -171,10 +178,7 @@ def main() -> None:
     cache = (args.cache_dir or cache_dir()).resolve()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedpt-utilization-") as tmp:
-        root = args.out or Path(tmp)
-        if root.exists() and any(root.iterdir()):
-            raise SystemExit(f"{root} is not empty; choose another --out")
-        root.mkdir(parents=True, exist_ok=True)
+        root = empty_run_folder(args.out or Path(tmp))
         runs = [measure(h, args, root, cache) for h in hs]
         if args.out is not None:
             print(f"run folders kept in {root}")

@@ -28,6 +28,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.checkpoints import CheckpointStore
+from aggregator.handlers import SERVICE_NAME
 from aggregator.store import Store
 from model.config import ModelConfig
 from model.gpt import GPT
@@ -184,19 +185,10 @@ class Simulation:
     def _wait_healthy(self, address: str, proc: subprocess.Popen, log_path: Path) -> None:
         credentials = pki.channel_credentials(self.monitor_kit)
         with grpc.secure_channel(address, credentials) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            for _ in range(300):
-                if proc.poll() is not None:
-                    raise SimulationError(f"the aggregator exited at start-up:\n{tail(log_path)}")
-                try:
-                    request = health_pb2.HealthCheckRequest(service="fedpt.v1.Federation")
-                    if (
-                        stub.Check(request, timeout=1).status
-                        == health_pb2.HealthCheckResponse.SERVING
-                    ):
-                        return
-                except grpc.RpcError:
-                    time.sleep(0.1)
+            if wait_until_serving(channel, proc, timeout=30.0):
+                return
+        if proc.poll() is not None:
+            raise SimulationError(f"the aggregator exited at start-up:\n{tail(log_path)}")
         raise SimulationError("the aggregator did not become healthy within 30 s")
 
     def stop_all(self) -> None:
@@ -344,6 +336,22 @@ class Simulation:
             f"global validation loss {initial:.4f} -> {final:.4f} ({verdict}); run folder {self.run}"
         )
         return summary
+
+
+def wait_until_serving(channel: grpc.Channel, proc: subprocess.Popen, timeout: float) -> bool:
+    """True once the aggregator's grpc.health.v1 says SERVING; False if `proc` (the aggregator)
+    exited first or `timeout` seconds passed."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up and proc.poll() is None:
+        try:
+            if stub.Check(request, timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                return True
+        except grpc.RpcError:
+            pass  # not listening yet
+        time.sleep(0.1)
+    return False
 
 
 def tail(path: Path, lines: int = 20) -> str:

@@ -78,7 +78,6 @@ LONG_POLL = 0.25  # the server's cap on GetTask's wait
 HOUR = 3600.0  # round and stage deadlines: nothing closes while fuzzing
 CALL_TIMEOUT = 20.0
 SLACK = 1.5  # seconds a GetTask may run past LONG_POLL on a busy 2-core machine
-UNDECODABLE = "Exception deserializing request!"  # grpcio's answer to unparseable bytes
 
 RPCS: dict[str, str] = {
     "Join": "unary",
@@ -114,35 +113,12 @@ class Finding:
 
 
 # Findings not fixed yet: reported apart from new violations (reproducers in test_fuzz_rpc.py).
-# Empty: the findings below were fixed by registering every RPC without a grpcio request
-# deserializer (aggregator/handlers.py); FIXED keeps their descriptions for the record.
+# None at present. Fixed by registering every RPC without a grpcio request deserializer
+# (aggregator/handlers.py), each guarded by a test in test_fuzz_rpc.py: undecodable bytes were
+# answered INTERNAL by grpcio before fedpt ran; a push stream cut by an undecodable or oversized
+# message kept its verified chunks; after such streams Server.stop() never returned; and every
+# upload connection lost mid-stream was logged as an internal error.
 KNOWN: dict[str, Finding] = {}
-FIXED = {
-    "undecodable-internal": Finding(
-        "bytes that do not parse as the request message are answered INTERNAL "
-        f"{UNDECODABLE!r} by grpcio, before fedpt code runs (INVALID_ARGUMENT expected)",
-        True,
-    ),
-    "partial-upload-kept": Finding(
-        "a PushUpdate stream that grpcio cuts (an undecodable or oversized message) is answered "
-        "INTERNAL or RESOURCE_EXHAUSTED, yet the server keeps the upload session and the chunks "
-        "verified before the cut (spool .part file and running sum), as for a dropped connection",
-        True,
-    ),
-    "stop-hangs": Finding(
-        "after PushUpdate streams cut by an undecodable message, grpcio leaves server-side calls "
-        "open for good and Server.stop() (RunningAggregator.stop) never returns; reproduces with "
-        "a bare grpcio 1.85 server, and a request deserializer that never raises avoids it",
-        True,
-    ),
-    "cut-logged-internal": Finding(
-        "when grpcio cuts a PushUpdate stream (e.g. an oversized message) the request iterator "
-        "raises grpc.RpcError; PushUpdate keeps the upload as for a dropped connection but then "
-        "logs 'PushUpdate: internal error: RpcError' and aborts INTERNAL (the client already has "
-        "its status): every upload connection lost mid-stream is logged as an internal error",
-        False,
-    ),
-}
 METADATA_TOO_LARGE = "received metadata size exceeds"  # a status message over HTTP/2's limit
 # README: an organisation name is 1-200 letters, digits, spaces or . @ : / + - _
 ORGANISATION_RULE = re.compile(r"[\w .@:/+-]{1,200}")
@@ -1137,8 +1113,9 @@ def open_calls(agg: RunningAggregator) -> int:
 
 
 def stop_within(agg: RunningAggregator, seconds: float = 5.0) -> bool:
-    """Stop an aggregator, giving up after `seconds` (FIXED["stop-hangs"]): then its
-    coordinator and store are closed here and the stuck gRPC server is left to the process."""
+    """Stop an aggregator, giving up after `seconds` (grpcio's Server.stop() once hung for good
+    after undecodable push streams): then its coordinator and store are closed here and the
+    stuck gRPC server is left to the process."""
     done = threading.Event()
 
     def stop() -> None:
@@ -1387,7 +1364,7 @@ class SecureFederation:
         self.stage += 1
 
     def close(self, seconds: float = 5.0) -> bool:
-        """Stop the aggregator; False if it did not stop (FIXED["stop-hangs"])."""
+        """Stop the aggregator; False if it did not stop."""
         stopped = True
         if self.target is not None:
             self.target.close()
