@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ def shutdown_distributed() -> None:
     """Leave the process group together: a rank tearing gloo down while its peer is still
     writing a checkpoint was seen to abort ("terminate called without an active exception")."""
     if dist.is_initialized():
+        # Free model/optimizer objects kept alive by reference cycles now, while the group is
+        # alive: freed later, during interpreter shutdown, gloo work they hold can abort.
+        gc.collect()
         with contextlib.suppress(Exception):  # a failed peer must not hide the original error
             dist.barrier()
         dist.destroy_process_group()
