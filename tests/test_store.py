@@ -113,3 +113,36 @@ def test_password_is_never_in_an_error_message() -> None:
     with pytest.raises(StoreError) as info:
         Store("postgresql+psycopg://nobody:hunter2@127.0.0.1:1/none?connect_timeout=2")
     assert "hunter2" not in str(info.value)
+
+
+def _open_when_released(url: str, release, failures) -> None:
+    release.wait()
+    try:
+        Store(url).close()
+    except Exception as e:  # reported to the parent, which asserts on it
+        failures.put(f"{type(e).__name__}: {e}")
+
+
+def test_schema_creation_is_serialised_when_processes_open_a_fresh_database_at_once(
+    database_url: str,
+) -> None:
+    # Without the migration lock, several processes upgrading a fresh database race in
+    # Alembic ("table alembic_version already exists"); released together, 4 of them hit it.
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    release, failures = spawn.Event(), spawn.Queue()
+    openers = [spawn.Process(target=_open_when_released, args=(database_url, release, failures))
+               for _ in range(4)]  # fmt: skip
+    for p in openers:
+        p.start()
+    release.set()
+    for p in openers:
+        p.join(timeout=120)
+    assert [p.exitcode for p in openers] == [0] * 4
+    errors = [failures.get() for _ in range(failures.qsize())]
+    assert errors == []
+    store = Store(database_url)
+    with store.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    store.close()
