@@ -37,6 +37,9 @@ class ServerConfig:
     # run far ahead of the (serial) accumulation, so memory grew with N; a fixed window bounds it
     # to N × this, while 8 MiB still fills a 100 ms, 80 MB/s path. 0: gRPC's adaptive window.
     stream_window_bytes: int = 8 << 20
+    # After the last round, stay up until every node has seen STOP, at most this long: longer
+    # than a node's reconnect back-off (10 s) plus a long poll, so a node away then still hears it.
+    stop_linger_seconds: float = 30.0
     kit: str = ""  # the aggregator's startup kit (`fedpt ca issue --server-host ...`): mutual TLS
     insecure: bool = False  # plain text, identity by session token: trusted networks and tests only
 
@@ -47,6 +50,8 @@ class ServerConfig:
             raise AggregatorConfigError("[server] max_workers must be at least 4")
         if self.long_poll_seconds <= 0:
             raise AggregatorConfigError("[server] long_poll_seconds must be positive")
+        if not 0 <= self.stop_linger_seconds <= 3600:
+            raise AggregatorConfigError("[server] stop_linger_seconds must be in 0..3600")
         if self.chunk_bytes <= 0 or self.chunk_bytes % 4 or self.chunk_bytes > 64 << 20:
             raise AggregatorConfigError(
                 "[server] chunk_bytes must be a positive multiple of 4, ≤ 64 MiB"

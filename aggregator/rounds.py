@@ -138,6 +138,7 @@ class Coordinator:
         self._by_organisation: dict[str, NodeRow] = {}  # certified organisation -> node
         self._dirty = False  # in-memory outer state may be ahead of the last checkpoint
         self._secagg: SecAggRound | None = None  # this round's secure aggregation, when on
+        self._saw_stop: set[str] = set()  # nodes told that the federation has finished
         self._load_or_create_federation()
         with self._lock:  # failing a round notifies waiters, which needs the lock
             self._recover_round()
@@ -321,6 +322,7 @@ class Coordinator:
     def _task_for(self, node_id: str) -> pb.Task:
         r = self.round
         if self.finished:
+            self._saw_stop.add(node_id)
             return pb.Task(kind=pb.Task.STOP, message="the federation has finished")
         if self._secagg is not None and r.state in ACCEPTING:
             kind = self._secagg_task(node_id)
@@ -351,6 +353,12 @@ class Coordinator:
         if s.stage == Stage.UNMASK and node_id in s.survivors and node_id not in s.unmask_requests:
             return pb.Task.SECAGG_UNMASK
         return None
+
+    def every_node_saw_stop(self) -> bool:
+        """Whether every node that ever joined has been told the federation finished."""
+        with self._lock:
+            nodes = self._store_call(self.store.nodes, self.federation_id)
+            return {n.id for n in nodes} <= self._saw_stop
 
     @property
     def finished(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -13,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from aggregator.config import AggregatorConfig
+from aggregator.errors import Refused
 from aggregator.handlers import SERVICE_NAME, add_federation_service
 from aggregator.rounds import Coordinator
 from aggregator.servicer import FederationServicer
@@ -111,7 +113,20 @@ def serve_forever(config: AggregatorConfig, log: Callable[[str], None] = print) 
         while not stop.wait(0.5):
             if running.coordinator.finished:
                 log("federation finished: letting nodes see STOP, then shutting down")
-                stop.wait(running.coordinator.config.server.long_poll_seconds + 2)
+                _linger(running.coordinator, stop)
                 break
     finally:
         running.stop()
+
+
+def _linger(coordinator: Coordinator, stop: threading.Event) -> None:
+    """Stay up until every node has seen STOP, or `stop_linger_seconds` (longer than a node's
+    reconnect back-off plus a long poll, so a node briefly away still hears that it is over)."""
+    give_up = time.monotonic() + coordinator.config.server.stop_linger_seconds
+    while time.monotonic() < give_up and not stop.is_set():
+        try:
+            if coordinator.every_node_saw_stop():
+                return
+        except Refused:  # the database is briefly unreachable: keep waiting
+            pass
+        stop.wait(0.5)

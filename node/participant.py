@@ -141,6 +141,7 @@ class Participant:
             )
         self.secagg: NodeSecAgg | None = None
         self.federation_id = ""
+        self.total_rounds = 0  # from the federation's spec; 0: until the aggregator stops it
         self.trained: dict | None = None  # a round trained before a restart, not yet pushed
         self.trained_versions: set[int] = set()  # versions this process trained from
         self.left_rounds: set[int] = set()  # rounds this node dropped out of
@@ -159,6 +160,7 @@ class Participant:
         spec = pb.FederationSpec()
         spec.ParseFromString(broadcast_bytes(raw, self.env))
         self.federation_id = spec.federation_id
+        self.total_rounds = spec.total_rounds
         if self.env.is_main and spec.delta_encoding == "masked-int32":
             if self.kit is None:
                 raise FederationMismatch(
@@ -307,9 +309,19 @@ class Participant:
         task = (0, 0, 0)
         if self.env.is_main:
             while True:
-                reply = self._reconnecting(
-                    lambda: self.client.get_task(self.cfg.poll_seconds), "get a task"
-                )
+                try:
+                    reply = self._reconnecting(
+                        lambda: self.client.get_task(self.cfg.poll_seconds), "get a task"
+                    )
+                except grpc.RpcError as e:
+                    if e.code() not in RECONNECT_CODES or not self._final_round_done():
+                        raise
+                    self.log(
+                        f"the aggregator is gone after the final round ({self.total_rounds}) "
+                        "this node took part in; finishing"
+                    )
+                    task = (pb.Task.STOP, 0, 0)
+                    break
                 if (
                     reply.kind in (pb.Task.TRAIN, *SECAGG_STAGES)
                     and reply.round in self.left_rounds
@@ -330,6 +342,11 @@ class Participant:
             bytearray(as_bytes), dtype=torch.int64
         ).tolist()
         return kind, round_number, version
+
+    def _final_round_done(self) -> bool:
+        """This node trained from the last model version of a federation with a round limit."""
+        last = max(self.trained_versions, default=-1)
+        return self.total_rounds > 0 and last + 1 >= self.total_rounds
 
     def _train_round(
         self, trainer: Trainer, spec: pb.FederationSpec, round_number: int, version: int

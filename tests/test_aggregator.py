@@ -386,3 +386,34 @@ def test_health_service_reports_serving(tmp_path: Path, serve) -> None:
         for service in ("", "fedpt.v1.Federation"):
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_finished_aggregator_lingers_until_every_node_has_seen_stop(tmp_path: Path, serve) -> None:
+    from aggregator.server import _linger
+
+    config = make_config(tmp_path)
+    config = dataclasses.replace(
+        config,
+        federation=dataclasses.replace(config.federation, rounds=1),
+        server=dataclasses.replace(config.server, stop_linger_seconds=60.0),
+    )
+    agg = serve(config)
+    a, b = join(agg, "acme", "globex")
+    train_tasks([a, b])
+    global0 = a.pull_model(0)
+    for seed, client in enumerate((a, b)):
+        delta = {k: global0[k] - v for k, v in local_params(global0, seed).items()}
+        assert client.push_update(0, 0, delta, num_tokens=100, train_loss=2.0).complete
+    wait_for_version(agg, 1)
+    assert agg.coordinator.finished
+    lingering = threading.Thread(target=_linger, args=(agg.coordinator, threading.Event()))
+    lingering.start()
+    # A node away for longer than a long poll (in reconnect back-off) must still hear STOP.
+    lingering.join(timeout=config.server.long_poll_seconds + 2.5)
+    assert lingering.is_alive(), "the aggregator stopped before every node had seen STOP"
+    assert a.get_task(wait_seconds=0).kind == pb.Task.STOP
+    lingering.join(timeout=1.5)
+    assert lingering.is_alive(), "one node has not seen STOP yet"
+    assert b.get_task(wait_seconds=0).kind == pb.Task.STOP
+    lingering.join(timeout=5)
+    assert not lingering.is_alive(), "every node saw STOP, yet the aggregator lingers"
