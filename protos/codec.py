@@ -18,6 +18,7 @@ import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,9 +41,11 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "int32": torch.int32,
-    # Masked secure-aggregation payloads. torch's uint32 lacks most arithmetic, but the codec
-    # only moves bytes (view, reshape, clone), which it supports.
+    # Masked secure-aggregation payloads (rings of 32, 16 and 8 bits) and int8 blocks. torch's
+    # uint16/uint32 lack most arithmetic, but the codec only moves bytes (view, reshape, clone).
     "uint32": torch.uint32,
+    "uint16": torch.uint16,
+    "uint8": torch.uint8,
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -387,6 +390,36 @@ class EncodedPayload:
     def chunks(self, first: int = 0) -> Iterator[tuple[int, bytes]]:
         _check_first_chunk(self.manifest, first)  # here, not on the first next()
         return ((index, self.chunk(index)) for index in range(first, self.manifest.num_chunks))
+
+
+class SpooledPayload:
+    """A payload already written to a file (an encoded update), with its manifest: chunks are
+    read from disk on demand, so sending it holds one chunk in memory."""
+
+    def __init__(self, manifest: Manifest, path: Path) -> None:
+        if path.stat().st_size != manifest.total_bytes:
+            raise CodecError(
+                f"{path} holds {path.stat().st_size} bytes, its manifest {manifest.total_bytes}"
+            )
+        self.manifest, self.path = manifest, path
+
+    def chunk(self, index: int) -> bytes:
+        start, end = self.manifest.chunk_span(index)
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    def chunks(self, first: int = 0) -> Iterator[tuple[int, bytes]]:
+        _check_first_chunk(self.manifest, first)
+
+        def read() -> Iterator[tuple[int, bytes]]:
+            with open(self.path, "rb") as f:
+                for index in range(first, self.manifest.num_chunks):
+                    start, end = self.manifest.chunk_span(index)
+                    f.seek(start)
+                    yield index, f.read(end - start)
+
+        return read()
 
 
 def encode(

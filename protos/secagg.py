@@ -15,9 +15,11 @@ sign(v, d) · PRG(s_vd) that v added but d's masked input never cancelled (s_vd 
 mask private key, also rebuilt from shares). A node must never reveal, for one node, both
 its self-seed share and its mask-key share: together they would unmask that node alone.
 
-Values live in Z_2^32 as numpy uint32 arrays (numpy wraps uint32 addition mod 2^32). All mask
-functions work on element ranges [element_offset, element_offset + len) of one flat vector, so
-neither side holds more than one chunk plus one keystream block at a time.
+Values live in Z_2^32, Z_2^16 or Z_2^8 as numpy uint32, uint16 or uint8 arrays (numpy wraps
+unsigned addition modulo the word size); PRG words are read at the ring's width. All mask and
+quantization functions work on element ranges [element_offset, element_offset + len) of one
+flat vector, and both sides call them one chunk at a time (protos/delta_encoding.py), so
+neither holds more than a chunk plus one keystream block of temporaries.
 
 Integrity of shares and keys comes from the channel: keys are signed with long-term Ed25519
 identity keys, and shares travel AES-256-GCM-encrypted between nodes through the aggregator.
@@ -66,8 +68,9 @@ NONCE_BYTES = 12  # AES-GCM nonce, prepended to each encrypted share bundle
 _TAG_BYTES = 16  # AES-GCM tag
 _MAX_X = 2**31  # share x coordinates fit a uint32 on the wire
 _MAX_ROUND = 2**64 - 1
-_BLOCK_WORDS = 1 << 16  # keystream generated in 256 KiB blocks: stays in cache for the add
-_WORDS_PER_AES_BLOCK = 4
+_BLOCK_BYTES = 1 << 18  # keystream generated in 256 KiB blocks: stays in cache for the add
+_BYTES_PER_AES_BLOCK = 16
+RING_DTYPES = {32: np.uint32, 16: np.uint16, 8: np.uint8}  # ring width in bits -> word dtype
 _MIN_EXPONENT, _MAX_EXPONENT = -1074, 1023  # the powers of two a float64 holds
 
 _PAIR_TAG = b"fedpt/secagg/pair/v1"
@@ -115,17 +118,21 @@ class QuantizationConfig:
 
     clip: each element of the (weighted) delta is clipped to [-clip, clip].
     scale: q = stochastic_round(x * scale); a power of two keeps x * scale exact.
+    bits: the ring Z_2^bits the masked values live in (32, 16 or 8).
     """
 
     clip: float
     scale: float
+    bits: int = 32
 
     def __post_init__(self) -> None:
+        if self.bits not in RING_DTYPES:
+            raise SecAggError(f"ring width {self.bits!r} must be one of {sorted(RING_DTYPES)}")
         for name in ("clip", "scale"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise SecAggError(f"quantization {name}={value!r} must be finite and positive")
-        check_no_overflow(self, 1)  # one node's values must fit int32 for the cast below
+        check_no_overflow(self, 1)  # one node's values must fit the signed ring for the cast
 
     @property
     def max_abs_q(self) -> float:
@@ -134,50 +141,56 @@ class QuantizationConfig:
 
 
 def check_no_overflow(cfg: QuantizationConfig, max_nodes: int) -> None:
-    """Refuse configs whose sum over `max_nodes` nodes could leave the int32 range.
+    """Refuse configs whose sum over `max_nodes` nodes could leave the signed ring's range.
 
-    The sum is read back as signed int32, so |Σ q| must stay below 2^31, not 2^32.
+    The sum is read back as a signed integer of `bits`, so |Σ q| must stay below 2^(bits-1).
     """
     if isinstance(max_nodes, bool) or max_nodes < 1:
         raise SecAggError(f"max_nodes={max_nodes!r} must be at least 1")
     worst = max_nodes * cfg.max_abs_q
-    if worst >= 2**31:
+    if worst >= 2 ** (cfg.bits - 1):
         raise SecAggError(
             f"quantized sum could overflow: {max_nodes} nodes * (clip {cfg.clip} * "
-            f"scale {cfg.scale} + 1) = {worst:.6g} >= 2**31; lower scale or clip"
+            f"scale {cfg.scale} + 1) = {worst:.6g} >= 2**{cfg.bits - 1}; lower scale or clip"
         )
 
 
-def choose_scale(clip: float, max_nodes: int) -> float:
+def choose_scale(clip: float, max_nodes: int, bits: int = 32) -> float:
     """The largest power of two `scale` for which `check_no_overflow` passes."""
     if not (math.isfinite(clip) and clip > 0):
         raise SecAggError(f"clip={clip!r} must be finite and positive")
     if isinstance(max_nodes, bool) or max_nodes < 1:
         raise SecAggError(f"max_nodes={max_nodes!r} must be at least 1")
-    room = 2**31 / max_nodes - 1  # the bound on clip * scale
+    if bits not in RING_DTYPES:
+        raise SecAggError(f"ring width {bits!r} must be one of {sorted(RING_DTYPES)}")
+    room = 2 ** (bits - 1) / max_nodes - 1  # the bound on clip * scale
     if room <= 0:
-        raise SecAggError(f"{max_nodes} nodes leave no room for any scale below 2**31")
+        raise SecAggError(
+            f"{max_nodes} nodes leave no room for any scale in a {bits}-bit ring; use a wider one"
+        )
     ratio = room / clip
     exponent = _MAX_EXPONENT if ratio >= 2.0**_MAX_EXPONENT else math.floor(math.log2(ratio))
     # log2 is inexact near powers of two: settle the exponent against the real check.
-    while exponent > _MIN_EXPONENT and not _scale_fits(clip, 2.0**exponent, max_nodes):
+    while exponent > _MIN_EXPONENT and not _scale_fits(clip, 2.0**exponent, max_nodes, bits):
         exponent -= 1
-    while exponent < _MAX_EXPONENT and _scale_fits(clip, 2.0 ** (exponent + 1), max_nodes):
+    while exponent < _MAX_EXPONENT and _scale_fits(clip, 2.0 ** (exponent + 1), max_nodes, bits):
         exponent += 1
     scale = 2.0**exponent
-    check_no_overflow(QuantizationConfig(clip, scale), max_nodes)
+    check_no_overflow(QuantizationConfig(clip, scale, bits), max_nodes)
     return scale
 
 
-def _scale_fits(clip: float, scale: float, max_nodes: int) -> bool:
-    return scale > 0 and max_nodes * (clip * scale + 1) < 2**31
+def _scale_fits(clip: float, scale: float, max_nodes: int, bits: int) -> bool:
+    return scale > 0 and max_nodes * (clip * scale + 1) < 2 ** (bits - 1)
 
 
 def quantize(x: np.ndarray, cfg: QuantizationConfig, rng: np.random.Generator) -> np.ndarray:
-    """Clip, scale and stochastically round to int, as uint32 (two's complement).
+    """Clip, scale and stochastically round to int, as the ring's unsigned words (two's
+    complement): uint32, uint16 or uint8 for 32, 16 or 8 bits.
 
     Unbiased: E[q] = clip(x) * scale, since q = floor(v) + 1 with probability frac(v).
-    Works in float64 so that the scaling and the fraction are exact for float32 input.
+    Works in float64 so that the scaling and the fraction are exact for float32 input; callers
+    pass one chunk at a time, so that copy is a chunk, never the model.
     """
     v = np.array(x, dtype=np.float64).reshape(-1)  # a copy: worked on in place
     if not np.isfinite(v).all():
@@ -187,8 +200,10 @@ def quantize(x: np.ndarray, cfg: QuantizationConfig, rng: np.random.Generator) -
     q = np.floor(v)
     v -= q  # the fraction, in [0, 1)
     q += rng.random(v.shape) < v
-    # |q| <= clip * scale + 1 < 2^31 (checked by the config), so int32 holds it exactly.
-    return q.astype(np.int32).view(np.uint32).reshape(np.shape(x))
+    # |q| <= clip * scale + 1 < 2^(bits-1) (checked by the config): the signed type holds it.
+    unsigned = RING_DTYPES[cfg.bits]
+    signed = np.dtype(f"int{cfg.bits}")
+    return q.astype(signed).view(unsigned).reshape(np.shape(x))
 
 
 def rounding_rng(node_secret: bytes, federation: str, model_version: int) -> np.random.Generator:
@@ -202,10 +217,14 @@ def rounding_rng(node_secret: bytes, federation: str, model_version: int) -> np.
 
 
 def dequantize_sum(total: np.ndarray, cfg: QuantizationConfig) -> np.ndarray:
-    """The unmasked sum back to float32: read as signed int32, divide by scale."""
-    if total.dtype != np.uint32:
-        raise SecAggError(f"a quantized sum is uint32, got {total.dtype}")
-    return (total.view(np.int32) / cfg.scale).astype(np.float32)
+    """The unmasked sum back to float32: read as a signed integer of the ring's width, divide
+    by scale."""
+    unsigned = RING_DTYPES[cfg.bits]
+    if total.dtype != unsigned:
+        raise SecAggError(
+            f"a quantized {cfg.bits}-bit sum is {np.dtype(unsigned)}, got {total.dtype}"
+        )
+    return (total.view(f"int{cfg.bits}") / cfg.scale).astype(np.float32)
 
 
 # --- PRG masks: AES-256-CTR keystreams ---
@@ -223,70 +242,83 @@ def new_self_seed() -> bytes:
     return secrets.token_bytes(SEED_BYTES)
 
 
-def _keystream_encryptor(seed: bytes, element_offset: int) -> CipherContext:
-    """An AES-256-CTR encryptor positioned at keystream word `element_offset`.
+def _keystream_encryptor(seed: bytes, byte_offset: int) -> CipherContext:
+    """An AES-256-CTR encryptor positioned at keystream byte `byte_offset`.
 
     Counter block = 128-bit big-endian block index from 0, so seeking is setting the counter;
-    the remaining words of a partial first block are skipped by encrypting them.
+    the remaining bytes of a partial first block are skipped by encrypting them.
     """
     _check_len("keystream seed", seed, SEED_BYTES)
-    if isinstance(element_offset, bool) or element_offset < 0:
-        raise SecAggError(f"element_offset={element_offset!r} must be non-negative")
-    block, skip = divmod(element_offset, _WORDS_PER_AES_BLOCK)
+    if isinstance(byte_offset, bool) or byte_offset < 0:
+        raise SecAggError(f"element_offset={byte_offset!r} must be non-negative")
+    block, skip = divmod(byte_offset, _BYTES_PER_AES_BLOCK)
     if block >= 2**128:
-        raise SecAggError(f"element_offset={element_offset} is past the keystream's end")
+        raise SecAggError(f"element_offset={byte_offset} is past the keystream's end")
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(block.to_bytes(16, "big"))).encryptor()
-    encryptor.update(bytes(4 * skip))
+    encryptor.update(bytes(skip))
     return encryptor
 
 
-def keystream_u32(seed: bytes, element_offset: int, count: int) -> np.ndarray:
-    """Words [element_offset, element_offset + count) of the keystream keyed by `seed`.
+def keystream_words(seed: bytes, element_offset: int, count: int, dtype=np.uint32) -> np.ndarray:
+    """Words [element_offset, element_offset + count) of the keystream keyed by `seed`, read as
+    little-endian words of `dtype` (uint8, uint16 or uint32: the ring Z_2^8, Z_2^16, Z_2^32).
 
     The same words whether generated whole or in pieces at any offsets.
     """
     if isinstance(count, bool) or count < 0:
         raise SecAggError(f"count={count!r} must be non-negative")
-    encryptor = _keystream_encryptor(seed, element_offset)
+    size = np.dtype(dtype).itemsize
+    encryptor = _keystream_encryptor(seed, size * element_offset)
     # Extra room: some cryptography versions want a block size - 1 of slack in update_into.
-    out = np.empty(4 * count + 15, dtype=np.uint8)
-    encryptor.update_into(memoryview(np.zeros(4 * count, dtype=np.uint8)), out)
-    return out[: 4 * count].view("<u4")
+    out = np.empty(size * count + 15, dtype=np.uint8)
+    encryptor.update_into(memoryview(np.zeros(size * count, dtype=np.uint8)), out)
+    return out[: size * count].view(np.dtype(dtype).newbyteorder("<"))
+
+
+def keystream_u32(seed: bytes, element_offset: int, count: int) -> np.ndarray:
+    """Words [element_offset, element_offset + count) of the keystream as uint32."""
+    return keystream_words(seed, element_offset, count, np.uint32)
 
 
 def _check_values(values: np.ndarray) -> np.ndarray:
-    """A flat view of `values`, which must be uint32 and contiguous (it is updated in place)."""
-    if not isinstance(values, np.ndarray) or values.dtype != np.uint32:
+    """A flat view of `values`, which must be a ring dtype (uint8/16/32) and contiguous (it is
+    updated in place)."""
+    if not isinstance(values, np.ndarray) or values.dtype.type not in _RING_TYPES:
         raise SecAggError(
-            f"masked values must be a uint32 array, got {getattr(values, 'dtype', values)}"
+            f"masked values must be a uint8, uint16 or uint32 array, got "
+            f"{getattr(values, 'dtype', values)}"
         )
     if not values.flags.c_contiguous or not values.flags.writeable:
         raise SecAggError("masked values must be a writable, C-contiguous array")
     return values.reshape(-1)
 
 
+_RING_TYPES = tuple(RING_DTYPES.values())
+
+
 def _add_keystreams(
     values: np.ndarray, element_offset: int, signed_seeds: Sequence[tuple[bytes, int]]
 ) -> None:
-    """values += Σ sign · PRG(seed) over [element_offset, +len), mod 2^32, in place."""
+    """values += Σ sign · PRG(seed) over [element_offset, +len), mod 2^bits, in place."""
     flat = _check_values(values)
     for _, direction in signed_seeds:
         if direction not in (1, -1):
             raise SecAggError(f"mask sign must be +1 or -1, got {direction!r}")
-    streams = [(_keystream_encryptor(seed, element_offset), d) for seed, d in signed_seeds]
+    size = flat.dtype.itemsize
+    streams = [(_keystream_encryptor(seed, size * element_offset), d) for seed, d in signed_seeds]
     if not streams or flat.size == 0:
         return
-    block_words = min(_BLOCK_WORDS, flat.size)
-    zeros = memoryview(np.zeros(4 * block_words, dtype=np.uint8))
-    scratch = np.empty(4 * block_words + 15, dtype=np.uint8)  # slack, see keystream_u32
-    words = scratch[: 4 * block_words].view("<u4")
+    block_words = min(_BLOCK_BYTES // size, flat.size)
+    zeros = memoryview(np.zeros(size * block_words, dtype=np.uint8))
+    scratch = np.empty(size * block_words + 15, dtype=np.uint8)  # slack, see keystream_words
+    words = scratch[: size * block_words].view(flat.dtype.newbyteorder("<"))
     # Block-major, seed-minor: each keystream block is added while still in cache, and every
     # encryptor simply continues its stream into the next block.
     for start in range(0, flat.size, block_words):
         target = flat[start : start + block_words]
         n = target.size
         for encryptor, direction in streams:
-            encryptor.update_into(zeros[: 4 * n], scratch)
+            encryptor.update_into(zeros[: size * n], scratch)
             if direction > 0:
                 np.add(target, words[:n], out=target)
             else:

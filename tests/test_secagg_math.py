@@ -239,17 +239,19 @@ def test_keystream_any_chunking_equals_whole(
     length=st.integers(0, 300),
     cuts=st.lists(st.integers(0, 300), max_size=6),
     block_words=st.sampled_from([1, 3, 4, 64, 1 << 16]),
+    bits=st.sampled_from([8, 16, 32]),
 )
 def test_mask_any_chunking_equals_whole(
-    data_seed: int, base: int, length: int, cuts: list[int], block_words: int
+    data_seed: int, base: int, length: int, cuts: list[int], block_words: int, bits: int
 ) -> None:
-    values = np.random.default_rng(data_seed).integers(0, 2**32, length, dtype=np.uint32)
+    dtype = secagg.RING_DTYPES[bits]
+    values = np.random.default_rng(data_seed).integers(0, 2**bits, length, dtype=dtype)
     pair_seeds = {"a": seed_of(1), "m": seed_of(2), "z": seed_of(3)}
     whole = values.copy()
     mask_chunk(whole, base, seed_of(9), pair_seeds, "k")
     pieces = values.copy()
     with pytest.MonkeyPatch.context() as patch:  # internal block size must not matter either
-        patch.setattr(secagg, "_BLOCK_WORDS", block_words)
+        patch.setattr(secagg, "_BLOCK_BYTES", 4 * block_words)
         for start, end in cuts_to_spans([c for c in cuts if c <= length], length):
             mask_chunk(pieces[start:end], base + start, seed_of(9), pair_seeds, "k")
     np.testing.assert_array_equal(pieces, whole)
