@@ -4,15 +4,21 @@ error a user can cause is reported as one `fedpt: error: ...` line with exit sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
 import tomllib
+import typing
 from pathlib import Path
 
 from model.config import ConfigError, ModelConfig, preset
 from model.io import CheckpointError
 from model.tokenizer import TokenizerError
+
+if typing.TYPE_CHECKING:
+    from node.parallel import Launch
+    from node.participant import NodeConfig
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, TokenizerError)
 
@@ -35,13 +41,44 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from fedpt.simulate import SimulationError
     from model.train_config import TrainConfigError
     from node.corpus import DataError
+    from node.parallel import LaunchError
     from node.participant import FederationMismatch, NodeConfigError
     from node.trainer import TrainingError
     from protos.pki import PKIError
 
     return (*USER_ERRORS, UsageError, DataError, TrainConfigError, TrainingError,
             AggregatorConfigError, RecoveryError, StoreError, OSError, NodeConfigError,
-            FederationMismatch, SimulationError, PKIError)  # fmt: skip
+            FederationMismatch, SimulationError, PKIError, LaunchError)  # fmt: skip
+
+
+# ---- ranks and hosts (torchrun) ---------------------------------------------------------------
+def add_launch_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per node.parallel.Launch field (torchrun's names); unset flags stay None."""
+    from node.parallel import Launch
+
+    hints = typing.get_type_hints(Launch)
+    for f in dataclasses.fields(Launch):
+        kind = next(
+            t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)
+        )
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f.metadata["help"]
+        )
+
+
+def launch_flags(args: argparse.Namespace) -> dict:
+    from node.parallel import Launch
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Launch)
+            if getattr(args, f.name) is not None}  # fmt: skip
+
+
+def rerun_with_ranks(launch: Launch) -> int:
+    """This same command again, as the launch's ranks on this host under torchrun (which sets
+    LOCAL_RANK, so the ranks do not relaunch themselves)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch.torchrun_args(), "-m", "fedpt",
+           *sys.argv[1:]]  # fmt: skip
+    return subprocess.call(cmd)
 
 
 # ---- train ------------------------------------------------------------------------------------
@@ -90,9 +127,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None, help="multi-rank mode")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile each block")
     p.add_argument("--activation-checkpointing", action="store_true", default=None)
-    p.add_argument(
-        "--nproc-per-node", type=int, default=1, help="local ranks (relaunches under torchrun)"
-    )
+    add_launch_flags(p)  # more than one rank: relaunches itself under torchrun
     p.add_argument(
         "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
     )
@@ -129,11 +164,12 @@ def load_train_configs(args: argparse.Namespace) -> tuple[ModelConfig, object]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from node.parallel import Launch
+
+    launch = Launch(**launch_flags(args))
     model_config, train_config = load_train_configs(args)
-    if args.nproc_per_node < 1:
-        raise UsageError("--nproc-per-node must be at least 1")
-    if args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-        return relaunch_under_torchrun(args)
+    if launch.ranks > 1 and "LOCAL_RANK" not in os.environ:
+        return relaunch_under_torchrun(args, launch)
     from node.local_training import run_training
     from node.parallel import init_distributed, shutdown_distributed
 
@@ -153,25 +189,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def relaunch_under_torchrun(args: argparse.Namespace) -> int:
-    """Pack the data once here, then start N ranks of this same command under torchrun."""
+def relaunch_under_torchrun(args: argparse.Namespace, launch: Launch) -> int:
+    """Pack the data once on this host, then start its ranks of this same command."""
     from node.local_training import cache_dir, open_tokenizer
     from node.shards import prepare_data
 
     _, report = prepare_data(args.data, open_tokenizer(args.tokenizer), cache_dir())
     if report is not None:
         print(f"data: {report.summary()}")
-    return rerun_with_ranks(args.nproc_per_node)
-
-
-def rerun_with_ranks(nproc_per_node: int) -> int:
-    """This same command again, as `nproc_per_node` ranks under torchrun (which sets LOCAL_RANK,
-    so the ranks do not relaunch themselves)."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc_per_node}", "-m", "fedpt", *sys.argv[1:],
-    ]  # fmt: skip
-    return subprocess.call(cmd)
+    return rerun_with_ranks(launch)
 
 
 # ---- eval / generate --------------------------------------------------------------------------
@@ -389,9 +415,7 @@ def add_node_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument(
         "--config", type=Path, help="node.toml with a [node] table; flags override it"
     )
-    join.add_argument(
-        "--nproc-per-node", type=int, default=None, help="local ranks (relaunches under torchrun)"
-    )
+    add_launch_flags(join)  # more than one rank: relaunches itself under torchrun
     join.add_argument("--reset-inner-optimizer", action="store_true", default=None,
                       help="forget AdamW moments at every round (default: keep them)")  # fmt: skip
     join.add_argument(
@@ -452,30 +476,33 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
 def cmd_node_join(args: argparse.Namespace) -> int:
     from node.participant import load_node_config
 
-    flags = (*NODE_FLAGS, "nproc_per_node", "reset_inner_optimizer", "save_deltas",
-             "save_round_state", "insecure")  # fmt: skip
+    flags = (*NODE_FLAGS, "reset_inner_optimizer", "save_deltas", "save_round_state", "insecure")
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
-    cfg = load_node_config(args.config, overrides)
-    if cfg.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+    cfg = load_node_config(args.config, {**overrides, **launch_flags(args)})
+    if cfg.launch.ranks > 1 and "LOCAL_RANK" not in os.environ:
         return relaunch_node_under_torchrun(cfg)
-    from node.parallel import init_distributed, shutdown_distributed
+    from node.parallel import check_same_everywhere, init_distributed, shutdown_distributed
     from node.participant import Participant
 
     # Ranks wait in collectives while rank 0 long-polls for rounds: allow a day.
     env = init_distributed(timeout_minutes=24 * 60)
     try:
+        # What decides which collectives the ranks run, on every host alike.
+        same = {"reset_inner_optimizer": cfg.reset_inner_optimizer,
+                "save_round_state": cfg.save_round_state}  # fmt: skip
+        check_same_everywhere("the node settings", same, env)
         Participant(cfg, env).run()
     finally:
         shutdown_distributed()
     return 0
 
 
-def relaunch_node_under_torchrun(cfg) -> int:
+def relaunch_node_under_torchrun(cfg: NodeConfig) -> int:
     from node.local_training import cache_dir, open_tokenizer
     from node.shards import prepare_data
 
     prepare_data(cfg.data, open_tokenizer(cfg.tokenizer or None), cache_dir())  # once, not per rank
-    return rerun_with_ranks(cfg.nproc_per_node)
+    return rerun_with_ranks(cfg.launch)
 
 
 # ---- simulate ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from model.io import CheckpointError, fsync_dir, load_tensors, save_tensors_atomic
+from node.parallel import DistEnv, broadcast_state, decided_by_main
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -132,12 +133,23 @@ def latest_checkpoint(root: Path) -> Path | None:
     return directory
 
 
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv | None = None
+) -> dict:
     """Load weights, optimizer state and RNG into the (already parallelized) model and
-    optimizer; returns the saved trainer state. Every rank calls it."""
-    state = read_state(directory)
-    weights, _ = load_tensors(directory / "model.safetensors")
-    optim_tensors, _ = load_tensors(directory / "optimizer.safetensors")
+    optimizer; returns the saved trainer state. Every rank calls it; rank 0 alone reads the
+    folder (it wrote it) and broadcasts it, so other hosts need not share its disk."""
+    env = env or DistEnv()
+    files: dict[str, dict[str, torch.Tensor]] = {}
+
+    def read() -> dict:
+        files["weights"], _ = load_tensors(directory / "model.safetensors")
+        files["optimizer"], _ = load_tensors(directory / "optimizer.safetensors")
+        return read_state(directory)
+
+    state = decided_by_main(read, env, (CheckpointError,))
+    weights = broadcast_state(files.get("weights"), env)
+    optim_tensors = broadcast_state(files.get("optimizer"), env)
     opts = StateDictOptions(full_state_dict=True, strict=False)
     missing, unexpected = set_model_state_dict(model, weights, options=opts)
     missing = [m for m in missing if m != "output.weight"]  # tied to the embedding

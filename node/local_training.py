@@ -28,8 +28,8 @@ from model.train_config import TrainConfig
 from node.checkpoint import full_model_state, latest_checkpoint
 from node.corpus import DataError
 from node.evaluation import mean_loss
-from node.parallel import DistEnv, barrier
-from node.shards import TokenShards, prepare_data
+from node.parallel import DistEnv, barrier, check_same_everywhere, decided_by_main
+from node.shards import TokenShards, prepare_data, read_manifest
 from node.trainer import Trainer, TrainingError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -49,17 +49,22 @@ def open_tokenizer(path: str | Path | None) -> Tokenizer:
 def load_splits(
     source: str, tokenizer: Tokenizer, env: DistEnv, log: Callable[[str], None]
 ) -> tuple[TokenShards, TokenShards]:
-    """Train and validation shards for `source`; the main rank packs them, the others wait
-    and then find them in the cache."""
-    if env.is_main:
+    """Train and validation shards for `source`. Each host has its own cache: its first rank
+    packs them, the host's other ranks wait and then find them there. Every host must have
+    packed the same tokens, which is checked (the log is rank 0's)."""
+    if env.is_host_main:
         root, report = prepare_data(source, tokenizer, cache_dir())
         if report is not None:
             log(f"data: {report.summary()}")
             for issue in report.errors[:10]:
                 log(f"data: skipped {issue.path}: {issue.reason}")
     barrier(env)
-    if not env.is_main:
+    if not env.is_host_main:
         root, _ = prepare_data(source, tokenizer, cache_dir())
+    # The shards' hashes, not their source path: the hosts' copies of a corpus may live anywhere.
+    content = {s: {k: v for k, v in read_manifest(root / s).items() if k != "source"}
+               for s in ("train", "val")}  # fmt: skip
+    check_same_everywhere(f"the data ({source})", content, env)
     train, val = TokenShards(root / "train"), TokenShards(root / "val")
     log(f"data: {train.num_tokens:,} train tokens, {val.num_tokens:,} validation tokens ({root})")
     return train, val
@@ -79,13 +84,19 @@ def run_training(
     """Train from scratch (or resume) and leave a run folder; returns the summary."""
     env = env or DistEnv()
     log = log if env.is_main else (lambda _msg: None)
-    has_run = (out_dir / "checkpoints").is_dir() or (out_dir / WEIGHTS_NAME).exists()
+    # Rank 0's --out holds the run (the other hosts' may be empty): it alone decides.
+    has_run = decided_by_main(
+        lambda: (out_dir / "checkpoints").is_dir() or (out_dir / WEIGHTS_NAME).exists(), env
+    )
     if has_run and not resume:
         raise TrainingError(f"{out_dir} already holds a run; pass --resume or choose another --out")
     tokenizer = open_tokenizer(tokenizer_path)
     model_config = model_config.with_vocab(tokenizer.vocab_size)
     if train_config.seq_len > model_config.max_seq_len:
         model_config = dataclasses.replace(model_config, max_seq_len=train_config.seq_len)
+    settings = {"model": model_config.to_dict(), "train": train_config.to_dict(),
+                "tokenizer": tokenizer.spec(), "resume": resume}  # fmt: skip
+    check_same_everywhere("the model, training and tokenizer settings", settings, env)
     train_data, val_data = load_splits(data, tokenizer, env, log)
     trainer = Trainer(
         model_config,
@@ -103,7 +114,7 @@ def run_training(
                 out_dir, data, model_config, train_config, tokenizer, tokenizer_path, env
             )
         barrier(env)
-        if resume and (found := latest_checkpoint(trainer.checkpoint_root())) is not None:
+        if resume and (found := trainer.latest_checkpoint()) is not None:
             trainer.load_checkpoint(found)
         elif resume:
             log(f"no checkpoint in {out_dir}; starting from step 0")

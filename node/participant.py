@@ -30,11 +30,11 @@ from model.gpt import GPT
 from model.io import model_state, save_tensors_atomic
 from model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from model.train_config import TrainConfig
-from node.checkpoint import latest_checkpoint, prune_checkpoints, read_state
+from node.checkpoint import prune_checkpoints
 from node.client import AggregatorClient
 from node.local_training import load_splits
 from node.metrics import MetricsLog
-from node.parallel import DistEnv, barrier, broadcast_bytes, broadcast_tensors
+from node.parallel import DistEnv, Launch, barrier, broadcast_bytes, broadcast_tensors
 from node.secure_aggregation import NodeSecAgg, SecAggRefused
 from node.trainer import Trainer
 from protos import crash_points, pki
@@ -63,7 +63,11 @@ class NodeConfig:
     data: str = ""  # folder / file / prepared shards / builtin[:ORG]
     tokenizer: str = ""  # the federation's BPE JSON when it uses one (checked by sha256)
     work_dir: str = "fedpt-node"  # metrics, round log, optional deltas
+    # Ranks and hosts (node.parallel.Launch): an organisation's node may span several hosts.
     nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int | None = None  # host 0 holds global rank 0, the one that talks to the aggregator
+    rdzv_endpoint: str = ""  # HOST:PORT on host 0
     reset_inner_optimizer: bool = False  # default: AdamW moments carry over between rounds
     poll_seconds: float = 10.0  # long-poll length per GetTask
     reconnect_timeout_seconds: float = 300.0  # give up after the aggregator is away this long
@@ -80,7 +84,8 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if not self.data:
             raise NodeConfigError("a node needs --data (its private corpus)")
-        if not self.kit and not self.insecure:
+        _ = self.launch  # raises LaunchError on bad ranks, hosts or endpoint
+        if not self.kit and not self.insecure and not self.node_rank:  # other hosts never dial out
             raise NodeConfigError(
                 "a node needs --kit (its startup kit) for mutual TLS, or --insecure"
             )
@@ -88,6 +93,10 @@ class NodeConfig:
             raise NodeConfigError(
                 "nproc_per_node ≥ 1, poll_seconds > 0, reconnect_timeout_seconds > 0"
             )
+
+    @property
+    def launch(self) -> Launch:
+        return Launch(self.nproc_per_node, self.nnodes, self.node_rank, self.rdzv_endpoint)
 
     @property
     def organisation_name(self) -> str:
@@ -234,10 +243,10 @@ class Participant:
         """Load the state the last process kept (collective); the round it trained, if any."""
         if not self.cfg.save_round_state:
             return None
-        found = latest_checkpoint(trainer.checkpoint_root())
+        found = trainer.latest_checkpoint()
         if found is None:
             return None
-        state = read_state(found).get("extra", {})
+        state = trainer.checkpoint_state(found).get("extra", {})
         if state.get("federation") != self.federation_id:
             self.log(f"not resuming from {found}: it belongs to another federation")
             return None
@@ -290,9 +299,8 @@ class Participant:
         round then failed), so that the retried round repeats it exactly: the newest kept
         state from an earlier version, else a fresh optimizer (collective)."""
         earlier = None
-        root = trainer.checkpoint_root()
-        for directory in sorted(root.glob("step_*")) if self.cfg.save_round_state else ():
-            extra = read_state(directory).get("extra", {})
+        for directory in trainer.checkpoint_folders() if self.cfg.save_round_state else ():
+            extra = trainer.checkpoint_state(directory).get("extra", {})
             if extra.get("federation") == self.federation_id and extra["version"] < version:
                 earlier = directory
         if earlier is not None:

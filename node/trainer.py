@@ -24,9 +24,15 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from model.config import ModelConfig
 from model.gpt import GPT
-from model.io import weights_metadata
+from model.io import CheckpointError, weights_metadata
 from model.train_config import TrainConfig
-from node.checkpoint import full_model_state, load_checkpoint, save_checkpoint
+from node.checkpoint import (
+    full_model_state,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from node.evaluation import mean_loss
 from node.metrics import MetricsLog, mfu, peak_flops
 from node.parallel import (
@@ -34,6 +40,7 @@ from node.parallel import (
     all_reduce_mean,
     autocast,
     autocast_dtype,
+    decided_by_main,
     gradient_sync,
     parallelize,
 )
@@ -296,8 +303,28 @@ class Trainer:
         self._log(f"step {self.step:>6} | checkpoint {directory}")
         return directory
 
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from, as rank 0 (which writes them) sees it (collective)."""
+        root = self.checkpoint_root()
+        found = decided_by_main(
+            lambda: str(latest_checkpoint(root) or ""), self.env, (CheckpointError,)
+        )
+        return Path(found) if found else None
+
+    def checkpoint_folders(self) -> list[Path]:
+        """Every kept checkpoint folder, oldest first, as rank 0 sees them (collective)."""
+        root = self.checkpoint_root()
+        return [
+            Path(d)
+            for d in decided_by_main(lambda: sorted(map(str, root.glob("step_*"))), self.env)
+        ]
+
+    def checkpoint_state(self, directory: Path) -> dict:
+        """A checkpoint's saved state (node.checkpoint.read_state), read by rank 0 (collective)."""
+        return decided_by_main(lambda: read_state(directory), self.env, (CheckpointError,))
+
     def load_checkpoint(self, directory: Path) -> None:
-        state = load_checkpoint(directory, self.module, self.optimizer)
+        state = load_checkpoint(directory, self.module, self.optimizer, self.env)
         if state["model_config"] != self.model_config.to_dict():
             raise TrainingError(f"checkpoint {directory} was made for another model config")
         if state["tokenizer"] != self.tokenizer_spec:
