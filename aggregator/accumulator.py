@@ -1,15 +1,24 @@
-"""Streaming aggregation: one flat fp32 accumulator, whatever the number of nodes.
+"""Streaming aggregation: one flat accumulator, whatever the number of nodes, summed by several
+uploads at once.
 
-An fp32 delta payload is its tensors' bytes end to end, so chunk bytes [a, b) are elements
-[a/4, b/4) of one flat vector: each verified chunk is added (times the node's weight) straight
-into the accumulator as it arrives, and no upload is ever held whole in memory. Aggregator
-memory is global model + outer state + this accumulator.
+A delta payload is its tensors' values end to end, so a chunk is a run of elements of one flat
+vector: `decode` turns a chunk's bytes into (first element, values) — the one place where an
+encoding's wire format is read — and each verified chunk is added (times the node's weight)
+straight into the sum as it arrives; no upload is ever held whole in memory. Aggregator memory
+is global model + outer state + this accumulator.
+
+Concurrency: the sum is cut into stripes of STRIPE_ELEMENTS, each with its own lock, and numpy
+releases the GIL while it adds, so uploads add in parallel — into different ranges, or into the
+same range stripe by stripe (a stripe another upload holds is skipped and come back to). Work
+on the whole sum (reset, rebuild, mean) takes `exclusive()`, which waits until every adder in
+`adding()` has left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +27,59 @@ import torch
 from protos.codec import TensorSpec
 
 READ_BYTES = 4 << 20
+STRIPE_ELEMENTS = 1 << 18  # 1 MiB of fp32: a 4 MiB chunk spans ~4 stripes two uploads can share
+
+# (byte offset of a chunk in its payload, the chunk's bytes) -> (first element, values)
+Decoder = Callable[[int, bytes], tuple[int, np.ndarray]]
+
+
+def decode_fp32(byte_offset: int, data: bytes) -> tuple[int, np.ndarray]:
+    return byte_offset // 4, np.frombuffer(data, dtype="<f4")
+
+
+def decode_uint32(byte_offset: int, data: bytes) -> tuple[int, np.ndarray]:
+    return byte_offset // 4, np.frombuffer(data, dtype="<u4")
+
+
+class Gate:
+    """Many holders of `shared()` at once, or one holder of `exclusive()` alone. A waiting
+    exclusive holder goes first (new shared holders wait), so a rebuild is not starved by a
+    steady stream of chunks. Not re-entrant."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0  # exclusive holders waiting
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 class StreamingAccumulator:
@@ -31,47 +93,89 @@ class StreamingAccumulator:
         dtype = "uint32" if modular else "float32"
         if any(s.dtype != dtype for s in self.specs):
             raise ValueError(f"this accumulator sums {dtype} tensors only")
+        self.decode: Decoder = decode_uint32 if modular else decode_fp32
         self.num_elements = sum(s.nbytes // 4 for s in self.specs)
         self._sum = np.zeros(self.num_elements, dtype=np.uint32 if modular else np.float32)
         self.total_weight = 0.0
-        self.lock = threading.Lock()  # callers hold it across spool write + add (see uploads.py)
+        stripes = -(-self.num_elements // STRIPE_ELEMENTS) or 1
+        self._stripes = [threading.Lock() for _ in range(stripes)]
+        self._gate = Gate()
+
+    def adding(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while calling `add` (many threads at once)."""
+        return self._gate.shared()
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Hold to reset, rebuild or read the whole sum: no `add` runs meanwhile."""
+        return self._gate.exclusive()
 
     def add(self, byte_offset: int, data: bytes, weight: float) -> bool:
         """Add weight · values, for `data` starting at `byte_offset` of a payload. Caller holds
-        `lock`. False when the fp32 sum left the finite range (huge but finite values times a
-        large weight): the caller must then refuse the upload and rebuild without it."""
-        start = byte_offset // 4
-        if self.modular:
-            values = np.frombuffer(data, dtype="<u4")
-            self._sum[start : start + len(values)] += values  # uint32 wraps: arithmetic mod 2^32
+        `adding()` or `exclusive()`. False when the fp32 sum left the finite range (huge but
+        finite values times a large weight): the caller must then refuse the upload and rebuild
+        without it."""
+        start, values = self.decode(byte_offset, data)
+        if not len(values):
             return True
-        values = np.frombuffer(data, dtype="<f4")
-        segment = self._sum[start : start + len(values)]
+        first, last = start // STRIPE_ELEMENTS, (start + len(values) - 1) // STRIPE_ELEMENTS
+        finite, busy = True, []
+        for stripe in range(first, last + 1):
+            lock = self._stripes[stripe]
+            if not lock.acquire(blocking=False):  # another upload is there: do the rest first
+                busy.append(stripe)
+                continue
+            try:
+                finite &= self._add_stripe(stripe, start, values, weight)
+            finally:
+                lock.release()
+        for stripe in busy:
+            with self._stripes[stripe]:
+                finite &= self._add_stripe(stripe, start, values, weight)
+        return finite
+
+    def _add_stripe(self, stripe: int, start: int, values: np.ndarray, weight: float) -> bool:
+        """The part of `values` (elements from `start`) that falls in `stripe`; its lock held."""
+        lo = max(stripe * STRIPE_ELEMENTS, start)
+        hi = min((stripe + 1) * STRIPE_ELEMENTS, start + len(values))
+        segment, part = self._sum[lo:hi], values[lo - start : hi - start]
+        if self.modular:
+            segment += part  # uint32 wraps: arithmetic mod 2^32
+            return True
         with np.errstate(over="ignore"):  # overflow is detected just below and refused
-            segment += values * np.float32(weight)
+            segment += part * np.float32(weight)
         return bool(np.isfinite(segment).all())
 
     def add_weight(self, weight: float) -> None:
         self.total_weight += weight
 
     def reset(self) -> None:
-        self._sum.fill(0.0)
+        """Caller holds `exclusive()`."""
+        self._sum.fill(0)
         self.total_weight = 0.0
 
-    def add_file(self, path: Path, weight: float) -> None:
-        """Add a spooled payload prefix from disk, chunk by chunk (used to rebuild)."""
+    def add_file(self, path: Path, weight: float, nbytes: int | None = None) -> None:
+        """Add the first `nbytes` (default: all) of a spooled payload from disk, chunk by chunk
+        (used to rebuild). Caller holds `exclusive()`."""
         offset = 0
         with open(path, "rb") as f:
-            while data := f.read(READ_BYTES):
+            while nbytes is None or offset < nbytes:
+                want = READ_BYTES if nbytes is None else min(READ_BYTES, nbytes - offset)
+                data = f.read(want)
+                if not data:
+                    break
                 self.add(offset, data, weight)
                 offset += len(data)
+        if nbytes is not None and offset != nbytes:
+            raise OSError(f"{path} holds {offset} bytes, {nbytes} were added from it")
 
     def modular_sum(self) -> np.ndarray:
-        """A copy of the masked modular sum (to unmask without touching the running sum)."""
+        """A copy of the masked modular sum (to unmask without touching the running sum).
+        Caller holds `exclusive()`."""
         return self._sum.copy()
 
     def mean(self) -> dict[str, torch.Tensor]:
-        """Σ wᵢ·Δᵢ / Σ wᵢ as named tensors (views into one fresh buffer)."""
+        """Σ wᵢ·Δᵢ / Σ wᵢ as named tensors (views into one fresh buffer). Caller holds
+        `exclusive()`."""
         if self.total_weight <= 0:
             raise ValueError("no weight accumulated")
         return self.as_tensors(self._sum / np.float32(self.total_weight))

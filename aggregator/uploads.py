@@ -1,11 +1,16 @@
-"""One node's upload for one round: verify each chunk, spool it, add it to the accumulator.
+"""One node's upload for one round: verify each chunk, spool it, add it to the round's sum.
 
 Every chunk is checked against the manifest's sha256 and for NaN/Inf *before* it touches
-anything. A verified chunk is appended to the node's spool file and added to the accumulator
-under the accumulator's lock, so spool files and accumulator always agree: when an upload is
-abandoned or refused part-way, the accumulator is rebuilt from the remaining spools and the
-refusal leaves no trace. A completed upload's spool is fsynced and renamed to `.delta`; it is
-what a restarted aggregator rebuilds the round's sum from.
+anything. A verified chunk is appended to the upload's spool file, then added to the round's
+sum (aggregator/round_sum.py), which can always be rebuilt from the spools: when an upload is
+abandoned or refused part-way, the sum is rebuilt without it and the refusal leaves no trace.
+A completed upload's spool is fsynced and renamed to `.delta`; it is what a restarted
+aggregator rebuilds the round's sum from. Spool names are unique per upload, so a discarded
+upload's files can be deleted later, outside any lock, without touching its successor's.
+
+All of this runs in the upload's own thread without the coordinator's lock. The session's file
+lock only orders its own writes against a discard from another thread (never both at once on
+one file handle).
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
+import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-from aggregator.accumulator import StreamingAccumulator
 from aggregator.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from aggregator.round_sum import RoundSum
 from protos.codec import ChunkVerifier, CodecError, Manifest
 
 
@@ -31,30 +39,33 @@ class UploadSession:
         weight: float,
         train_loss: float,
         spool_dir: Path,
+        round_sum: RoundSum,
         *,
         check_finite: bool = True,  # float deltas; masked uint32 updates have no NaN to check
     ) -> None:
         self.check_finite = check_finite
         self.node_id, self.round_number = node_id, round_number
         self.manifest, self.weight, self.train_loss = manifest, weight, train_loss
+        self.round_sum = round_sum
         self.verifier = ChunkVerifier(manifest)
-        self.part_path = spool_dir / f"{node_id}.part"
-        self.delta_path = spool_dir / f"{node_id}.delta"
-        try:
-            spool_dir.mkdir(parents=True, exist_ok=True)
-            self._spool = open(self.part_path, "wb")  # noqa: SIM115 (closed in complete/discard)
-        except OSError as e:
-            raise _storage_failed(e) from e
+        self.spool_dir = spool_dir
+        name = f"{node_id}.{secrets.token_hex(4)}"
+        self.part_path = spool_dir / f"{name}.part"
+        self.delta_path = spool_dir / f"{name}.delta"
+        self._spool: BinaryIO | None = None  # opened by the first chunk, in the upload's thread
+        self._file_lock = threading.Lock()
         self._sha = hashlib.sha256()
-        self.streaming = False  # a PushUpdate stream is feeding this session now
-        self.cancelled = False
-        self.complete = False
+        self.added_bytes = 0  # bytes of the spool in the round's sum
+        self.streaming = False  # a PushUpdate stream is feeding (or completing) this session
+        self.cancelled = False  # adds nothing more
+        self.discarded = False  # queued for deletion (aggregator/intake.py)
+        self.complete = False  # every byte added and its weight counted
 
     @property
     def chunks_received(self) -> int:
         return self.verifier.next_index
 
-    def add_chunk(self, index: int, data: bytes, accumulator: StreamingAccumulator) -> None:
+    def add_chunk(self, index: int, data: bytes) -> None:
         try:
             self.verifier.verify(index, data)
         except CodecError as e:
@@ -62,51 +73,63 @@ class UploadSession:
         if self.check_finite and not np.isfinite(np.frombuffer(data, dtype="<f4")).all():
             raise InvalidArgument(f"chunk {index} of the upload holds NaN or Inf values")
         start, _ = self.manifest.chunk_span(index)
-        with accumulator.lock:
-            if self.cancelled:
-                raise DeadlineExceeded(
-                    f"round {self.round_number} closed while this upload was arriving"
-                )
+        with self._file_lock:
+            self._check_live()
             try:
+                if self._spool is None:
+                    self.spool_dir.mkdir(parents=True, exist_ok=True)
+                    self._spool = open(self.part_path, "wb")  # noqa: SIM115 (closed in finish/discard)
                 self._spool.write(data)
             except OSError as e:  # the caller discards this session: nothing half-written stays
                 raise _storage_failed(e) from e
-            self._sha.update(data)
-            finite = accumulator.add(start, data, self.weight)
-        if not finite:
+        self._sha.update(data)
+        if not self.round_sum.add(self, start, data):
             raise InvalidArgument(f"chunk {index} pushes the weighted sum beyond the float32 range")
 
-    def finish(self, accumulator: StreamingAccumulator) -> None:
-        """Make the complete upload durable and count its weight."""
+    def finish(self) -> None:
+        """Make the complete upload durable (fsync, rename to `.delta`); the caller then records
+        it and counts its weight."""
         if self._sha.digest() != self.manifest.sha256:
             raise InvalidArgument("the upload's bytes do not match the manifest's sha256")
-        try:
-            self._spool.flush()
-            os.fsync(self._spool.fileno())
-            self._spool.close()
-            os.replace(self.part_path, self.delta_path)
-        except OSError as e:
-            raise _storage_failed(e) from e
-        with accumulator.lock:
-            accumulator.add_weight(self.weight)
-        self.complete = True
+        with self._file_lock:
+            self._check_live()
+            try:
+                if self._spool is None:
+                    raise OSError("no spool file was written")
+                self._spool.flush()
+                os.fsync(self._spool.fileno())
+                self._spool.close()
+                os.replace(self.part_path, self.delta_path)
+            except OSError as e:
+                raise _storage_failed(e) from e
+
+    def _check_live(self) -> None:
+        if self.cancelled:
+            raise DeadlineExceeded(
+                f"round {self.round_number} closed while this upload was arriving"
+            )
 
     @property
     def sha256_hex(self) -> str:
         return self.manifest.sha256.hex()
 
-    def discard(self) -> None:
-        """Forget this upload's bytes (the caller rebuilds the accumulator without them)."""
-        self.cancelled = True
-        if not self._spool.closed:
-            with contextlib.suppress(OSError):  # buffered bytes a full disk cannot take: unneeded
-                self._spool.close()
-        self.part_path.unlink(missing_ok=True)
-        self.delta_path.unlink(missing_ok=True)
+    def spool_paths(self) -> tuple[Path, ...]:
+        return self.part_path, self.delta_path
 
     def flush(self) -> None:
-        if not self._spool.closed:
-            self._spool.flush()
+        with self._file_lock:
+            if self._spool is not None and not self._spool.closed:
+                self._spool.flush()
+
+    def delete_files(self) -> None:
+        """Forget a cancelled upload's bytes (call outside the coordinator's lock; the round's
+        sum is rebuilt without them)."""
+        with self._file_lock:
+            if self._spool is not None and not self._spool.closed:
+                with contextlib.suppress(OSError):  # buffered bytes a full disk cannot take
+                    self._spool.close()
+            self.part_path.unlink(missing_ok=True)
+            self.delta_path.unlink(missing_ok=True)
 
 
 def _storage_failed(error: OSError) -> Unavailable:

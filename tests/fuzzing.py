@@ -210,6 +210,11 @@ def _secagg_fingerprint(round_) -> tuple | None:
             round_.threshold, round_.scale, round_.stage_deadline)  # fmt: skip
 
 
+def _is_spool_of(name: str, node_id: str) -> bool:
+    """An upload spool in progress (NODE.<unique>.part) of this node."""
+    return name.startswith(f"{node_id}.") and name.endswith(".part")
+
+
 # ---- the valid messages cases start from ------------------------------------------------------
 @dataclass
 class Payload:
@@ -849,8 +854,8 @@ class FuzzTarget:
     def rebase(self, corpus: Corpus) -> None:
         """Start comparing against the server's state now (after the harness moved the round)."""
         self.corpus = corpus
-        with self.agg.coordinator._lock:
-            self._secagg_baseline = copy.deepcopy(self.agg.coordinator._secagg)
+        with self.agg.coordinator.lock:
+            self._secagg_baseline = copy.deepcopy(self.agg.coordinator.shared.secagg)
         self._baseline = self.state()
 
     # ---- state --------------------------------------------------------------------------------
@@ -861,21 +866,22 @@ class FuzzTarget:
             with contextlib.suppress(FileNotFoundError):  # a spool deleted meanwhile
                 if path.is_file() and not path.name.startswith("fedpt.db"):
                     files.add((str(path.relative_to(self.state_dir)), path.stat().st_size))
-        with c.accumulator.lock:
+        with c.accumulator.exclusive():
             accumulator = (c.accumulator._sum.tobytes(), c.accumulator.total_weight)
-        with c._lock:
-            return State(self.agg.store.snapshot(), frozenset(files), accumulator, tuple(sorted(c._sessions)),
-                         tuple(sorted(c._completed)), _secagg_fingerprint(c._secagg))  # fmt: skip
+        with c.lock:
+            return State(self.agg.store.snapshot(), frozenset(files), accumulator,
+                         tuple(sorted(c.intake.sessions)), tuple(sorted(c.intake.completed)),
+                         _secagg_fingerprint(c.shared.secagg))  # fmt: skip
 
     def _discard_uploads(self) -> None:
         c = self.agg.coordinator
-        for session in list(c._sessions.values()):
+        for session in list(c.intake.sessions.values()):
             c.reject_upload(session)
 
     def _restore_secagg(self) -> None:
         c = self.agg.coordinator
-        with c._lock:
-            c._secagg = copy.deepcopy(self._secagg_baseline)
+        with c.lock:
+            c.shared.secagg = copy.deepcopy(self._secagg_baseline)
 
     def _settle(self, give_up_after: float = 5.0) -> bool:
         """Wait until every handler has returned: grpcio may answer a call (a stream it cut, say)
@@ -996,10 +1002,9 @@ class FuzzTarget:
 
     def _only_spool_of(self, before: State, after: State, caller: Caller) -> bool:
         added, removed = after.files - before.files, before.files - after.files
-        part = f"{caller.node_id}.part"
         return (
             not removed
-            and all(Path(name).name == part for name, _ in added)
+            and all(_is_spool_of(Path(name).name, caller.node_id) for name, _ in added)
             and (
                 after.sessions
                 in (before.sessions, tuple(sorted({*before.sessions, caller.node_id})))
@@ -1036,8 +1041,8 @@ class FuzzTarget:
     def _check_secagg_write(self, out: Outcome) -> None:
         """What a secure-aggregation stage accepted must be what the protocol allows."""
         c, node = self.agg.coordinator, self.corpus.node_id
-        with c._lock:
-            s = c._secagg
+        with c.lock:
+            s = c.shared.secagg
             if out.case.rpc == "AdvertiseKeys":
                 keys, _ = s.keys[node]
                 message = secagg.keys_message(s.federation_id, s.round_number, node, keys.cipher_public,
@@ -1069,9 +1074,10 @@ class FuzzTarget:
         """Valid calls still work: a pull, a status query and, where the round takes uploads
         from the participant, a partial upload (then put back)."""
         c = self.agg.coordinator
-        with c._lock:
-            uploads = (c._secagg is None or str(c._secagg.stage) == "MASKED_INPUT") and (
-                self.corpus.node_id not in c._completed
+        with c.lock:
+            s = c.shared.secagg
+            uploads = (s is None or str(s.stage) == "MASKED_INPUT") and (
+                self.corpus.node_id not in c.intake.completed
             )
         problems = []
         for rpc in (
@@ -1163,8 +1169,8 @@ def _corpus(
     agg: RunningAggregator, participant: str, join_organisation: str, sign, sign_other
 ) -> Corpus:
     c = agg.coordinator
-    with c._lock:
-        s, r = c._secagg, c.round
+    with c.lock:
+        s, r = c.shared.secagg, c.round
         u1 = tuple(s.u1) if s else ()
         survivors, dropped = (tuple(s.survivors), tuple(s.dropped)) if s else ((), ())
         keys = s.keys.get(participant, (None, b""))[0] if s else None
@@ -1276,7 +1282,8 @@ class SecureFederation:
                 client.join()
             for client in self.clients.values():
                 client.get_task(wait_seconds=0)
-            _wait(lambda: agg.coordinator._secagg is not None, "the secure round did not start")
+            secure = agg.coordinator.shared
+            _wait(lambda: secure.secagg is not None, "the secure round did not start")
             outsider = AggregatorClient(
                 agg.address, "outsider", kit=self.kits["outsider"], rpc_timeout=10
             )
@@ -1316,7 +1323,7 @@ class SecureFederation:
         )
 
     def _secagg(self):
-        return self.agg.coordinator._secagg
+        return self.agg.coordinator.shared.secagg
 
     def _advertise(self, org: str) -> None:
         client, s = self.clients[org], self._secagg()

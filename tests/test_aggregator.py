@@ -341,7 +341,8 @@ def test_restart_resumes_from_the_database_and_checkpoints(
     again = serve(config)
     assert again.coordinator.version == 1
     torch.testing.assert_close(again.coordinator.params, global1, atol=0, rtol=0)
-    assert again.coordinator.round.number == 1 and set(again.coordinator._completed) == {a.node_id}
+    assert again.coordinator.round.number == 1
+    assert set(again.coordinator.intake.completed) == {a.node_id}
     a2, b2 = (AggregatorClient(again.address, org, rpc_timeout=10) for org in ("acme", "globex"))
     a2.join(), b2.join()  # re-join: same node ids, new session tokens
     assert (a2.node_id, b2.node_id) == (a.node_id, b.node_id)

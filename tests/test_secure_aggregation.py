@@ -211,7 +211,7 @@ def test_forged_or_unsigned_keys_are_refused(tmp_path: Path, kits: dict) -> None
         for c in (a, b):
             threading.Thread(target=c.get_task, kwargs={"wait_seconds": 1}).start()
         give_up = time.monotonic() + 10
-        while agg.coordinator._secagg is None and time.monotonic() < give_up:
+        while agg.coordinator.shared.secagg is None and time.monotonic() < give_up:
             time.sleep(0.05)
         fed = a.spec.federation_id
         _, cipher = secagg.generate_x25519()
@@ -224,7 +224,7 @@ def test_forged_or_unsigned_keys_are_refused(tmp_path: Path, kits: dict) -> None
             with pytest.raises(grpc.RpcError) as info:
                 a.advertise_keys(request)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert not agg.coordinator._secagg.keys
+        assert not agg.coordinator.shared.secagg.keys
         # Keys claiming to be another node's are refused too, even when properly signed.
         message = secagg.keys_message(fed, 0, b.node_id, cipher, mask)
         request = pb.AdvertiseKeysRequest(round=0, keys=pb.SignedKeys(
@@ -236,10 +236,9 @@ def test_forged_or_unsigned_keys_are_refused(tmp_path: Path, kits: dict) -> None
         # A replay of this round's good keys in another round is refused.
         sec = NodeSecAgg(a, kits["org0"], fed)
         sec.advertise(0)
+        good = agg.coordinator.shared.secagg.keys[a.node_id][0]
         with pytest.raises(grpc.RpcError) as info:
-            a.advertise_keys(
-                pb.AdvertiseKeysRequest(round=1, keys=agg.coordinator._secagg.keys[a.node_id][0])
-            )
+            a.advertise_keys(pb.AdvertiseKeysRequest(round=1, keys=good))
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         agg.stop(grace=0)
@@ -294,7 +293,7 @@ def test_a_node_cannot_claim_another_identity(tmp_path: Path, kits: dict) -> Non
         task = org1.stub.GetTask(
             pb.TaskRequest(wait_seconds=0), metadata=impostor._metadata, timeout=5
         )
-        assert agg.coordinator._ready.get(org1.node_id) is not None and task is not None
+        assert agg.coordinator.lifecycle.ready.get(org1.node_id) is not None and task is not None
         assert reply.node_id != org1.node_id
     finally:
         agg.stop(grace=0)

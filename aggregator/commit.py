@@ -1,0 +1,191 @@
+"""Committing a round: outer step, durable checkpoint, database commit, the new version served.
+
+    begin (lock)       record AGGREGATING; snapshot the round, the model it trained from, its
+                       uploads and its sum                       ── crash point aggregator.aggregating
+    run (no lock)      mean delta → outer step → checkpoint (temp, fsync, rename, sha256)
+                                                                 ── crash point aggregator.checkpointed
+                       encode (hash) the new model for serving
+    run (lock)         commit the round row with the checkpoint's sha256 (and open the next
+                       round) in one transaction; swap in the new version; wake waiting nodes
+
+The minutes a large model spends in the middle step hold no lock: nodes keep polling (told to
+wait), joining and asking about uploads. Only one commit runs at a time (`begin` says None while
+one is under way; the ticker calls it ten times a second). The round row moves to COMMITTED only
+after the checkpoint is durable. If anything fails, nothing is swapped in and the round stays
+AGGREGATING; the outer optimizer may have stepped, so the next attempt first reloads the last
+durable checkpoint's optimizer state (`_dirty`). A restarted aggregator does the same from the
+database. If the database did commit although the call failed (its answer lost), the next
+attempt finds that version in the database and installs it instead of stepping again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aggregator.checkpoints import CheckpointStore
+from aggregator.intake import UploadIntake
+from aggregator.outer import OuterOptimizer
+from aggregator.round_sum import Member, RoundSum
+from aggregator.secure_aggregation import SecAggRound
+from aggregator.state import GlobalModel, RoundState, Shared
+from aggregator.store import CheckpointRow, MetricRow, RoundRow, SubmissionRow
+from protos import crash_points, secagg
+
+
+@dataclass(frozen=True)
+class CommitJob:
+    """What the outer step needs, taken under the lock: nothing here changes meanwhile (the
+    round is AGGREGATING, so no upload is admitted or completed)."""
+
+    round: RoundRow
+    base: GlobalModel  # the version the round trained from
+    completed: tuple[SubmissionRow, ...]
+    round_sum: RoundSum
+    secagg: SecAggRound | None  # READY: only read from here on
+    reload: bool  # an earlier attempt failed part-way: start from the durable state
+
+
+class Committer:
+    def __init__(
+        self,
+        shared: Shared,
+        intake: UploadIntake,
+        checkpoints: CheckpointStore,
+        outer: OuterOptimizer,
+    ) -> None:
+        self.shared, self.intake, self.checkpoints, self.outer = shared, intake, checkpoints, outer
+        self._running = False  # a job is between begin and the end of run (under the lock)
+        self._dirty = False  # in-memory outer state may be ahead of the last checkpoint
+
+    def begin(self) -> CommitJob | None:
+        """Mark the round AGGREGATING and snapshot it; None if a commit is under way or the
+        database refused. Caller holds the lock, then calls `run` without it."""
+        s = self.shared
+        if self._running:
+            return None
+        try:
+            if s.round.state != RoundState.AGGREGATING:
+                s.move_round(RoundState.AGGREGATING)
+        except Exception as e:
+            self._failed(s.round.number, e)
+            return None
+        crash_points.reached("aggregator.aggregating", s.round.number)
+        self._running = True
+        intake = self.intake
+        return CommitJob(s.round, s.model, tuple(intake.completed.values()), intake.round_sum,
+                         s.secagg, self._dirty)  # fmt: skip
+
+    def run(self, job: CommitJob) -> None:
+        """The outer step and the checkpoint without the lock, then the commit under it."""
+        s, r = self.shared, job.round
+        try:
+            if job.reload and self._reload(job):
+                return
+            new_params = self.outer.step(job.base.params, self._mean_delta(job))
+            version = job.base.version + 1
+            record = self.checkpoints.write(
+                version, r.number, new_params, self.outer.state_tensors(), self.outer.state_meta()
+            )
+            row = CheckpointRow(
+                version, r.number, str(record.path), record.sha256, record.nbytes, s.clock()
+            )
+            crash_points.reached("aggregator.checkpointed", r.number)
+            model = GlobalModel.build(new_params, version, s.config.server.chunk_bytes,
+                                      secure=s.secure)  # fmt: skip
+            total = s.config.federation.rounds
+            open_next = not (total and version >= total)
+            with s.lock:
+                s.store_call(s.store.commit_round, s.federation_id, r.number, row,
+                             self._metrics(job), open_next)  # fmt: skip
+                self._install(model)
+        except Exception as e:
+            self._failed(r.number, e)
+            return
+        finally:
+            with s.lock:
+                self._running = False
+        s.log(f"round {r.number}: committed version {version} from {len(job.completed)} upload(s)")
+        self._prune_checkpoints()
+
+    def _mean_delta(self, job: CommitJob) -> dict[str, torch.Tensor]:
+        rs = job.round_sum
+        if job.secagg is not None:
+            if rs.needs_rebuild():  # stragglers' partial uploads leave the sum
+                rs.rebuild()
+            return self._unmasked_mean(job.secagg, rs, job.completed)
+        if self.shared.config.round.deterministic:
+            rs.rebuild(order=self._in_node_order)  # whatever the arrival order
+        elif rs.needs_rebuild():
+            rs.rebuild()
+        return rs.mean()
+
+    @staticmethod
+    def _unmasked_mean(
+        sec: SecAggRound, rs: RoundSum, completed: tuple[SubmissionRow, ...]
+    ) -> dict[str, torch.Tensor]:
+        total = rs.modular_sum()
+        sec.unmask_sum(total)
+        cfg = secagg.QuantizationConfig(clip=sec.clip, scale=sec.scale)
+        weights = sec.total_weight({sub.node_id: sub.num_tokens for sub in completed})
+        return rs.accumulator.as_tensors(secagg.dequantize_sum(total, cfg) / np.float32(weights))
+
+    def _in_node_order(self, members: list[Member]) -> list[Member]:
+        """By organisation: an order that is the same in every run of a federation (node ids
+        are random), so that a deterministic fp32 sum is reproducible across runs."""
+        s = self.shared
+        nodes = s.store_call(s.store.nodes, s.federation_id)
+        organisation = {n.id: n.organisation for n in nodes}
+        return sorted(members, key=lambda m: (organisation.get(m.node_id, ""), m.node_id))
+
+    def _metrics(self, job: CommitJob) -> list[MetricRow]:
+        r, now = job.round, self.shared.clock()
+        rows = []
+        for sub in job.completed:
+            rows.append(MetricRow(r.number, sub.node_id, "train_loss", sub.train_loss))
+            rows.append(MetricRow(r.number, sub.node_id, "num_tokens", float(sub.num_tokens)))
+        rows.append(MetricRow(r.number, None, "nodes", float(len(job.completed))))
+        rows.append(MetricRow(r.number, None, "round_seconds", now - (r.started_at or now)))
+        return rows
+
+    def _install(self, model: GlobalModel) -> None:
+        """Serve the committed version and move on to the next round. Caller holds the lock."""
+        s = self.shared
+        next_round = s.store.current_round(s.federation_id)  # may fail: then nothing changes
+        s.model = model
+        self.intake.end_round()
+        s.secagg = None
+        s.round = next_round
+        s.changed.notify_all()
+
+    def _reload(self, job: CommitJob) -> bool:
+        """Back to the last durable state; True if that is this round's commit (installed)."""
+        s = self.shared
+        row = s.store_call(s.store.latest_checkpoint, s.federation_id)
+        params, outer_tensors, meta = self.checkpoints.read(row.version, expected_sha256=row.sha256)
+        if row.version == job.base.version:
+            self.checkpoints.remove_newer_than(row.version)  # the failed attempt's file
+            self.outer.load_state(outer_tensors, meta["outer"])
+            self._dirty = False
+            return False
+        self.outer.load_state(outer_tensors, meta["outer"])
+        model = GlobalModel.build(params, row.version, s.config.server.chunk_bytes,
+                                  secure=s.secure)  # fmt: skip
+        with s.lock:
+            self._install(model)
+        self._dirty = False
+        s.log(f"round {job.round.number}: found version {row.version} committed; serving it")
+        return True
+
+    def _failed(self, number: int, error: Exception) -> None:
+        # Nothing was committed, but the outer step may have moved the optimizer state: the
+        # next attempt reloads the last durable checkpoint first.
+        self._dirty = True
+        self.shared.log(f"round {number}: aggregation failed, will retry: {error}")
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.shared.config.store.keep_checkpoints
+        if keep:
+            self.checkpoints.prune(keep, protect={self.shared.model.version})

@@ -1,0 +1,117 @@
+"""The federation's identity and starting point: its spec, created once with the initial model
+checkpoint, and on every later start checked against the config and resumed from the last
+committed checkpoint (model and outer optimizer state)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from google.protobuf import json_format
+
+from aggregator.checkpoints import CheckpointStore
+from aggregator.config import AggregatorConfig
+from aggregator.outer import OuterConfigError, OuterOptimizer
+from aggregator.state import RecoveryError
+from aggregator.store import CheckpointRow, Store
+from model.config import ModelConfig
+from model.gpt import GPT
+from model.io import model_state
+from model.tokenizer import ByteTokenizer, load_tokenizer
+from protos import federation_pb2 as pb
+
+# Fields of the spec a restarted aggregator may not change under a running federation.
+FROZEN_SPEC_FIELDS = ("model_config_json", "tokenizer_json", "outer_optimizer", "delta_encoding")
+
+
+def build_spec(
+    config: AggregatorConfig, model_config_json: str, tokenizer_spec: dict
+) -> pb.FederationSpec:
+    return pb.FederationSpec(
+        name=config.federation.name,
+        model_config_json=model_config_json,
+        tokenizer_json=json.dumps(tokenizer_spec, sort_keys=True),
+        train_config_json=json.dumps(config.train, sort_keys=True),
+        inner_steps=config.federation.inner_steps,
+        round_policy=pb.RoundPolicy(
+            min_nodes=config.round.min_nodes,
+            max_nodes=config.round.max_nodes,
+            round_timeout_seconds=config.round.timeout_seconds,
+        ),
+        chunk_bytes=config.server.chunk_bytes,
+        outer_optimizer=config.outer.name,
+        total_rounds=config.federation.rounds,
+        delta_encoding=config.delta_encoding,
+    )
+
+
+@dataclass
+class Opened:
+    federation_id: str
+    spec: pb.FederationSpec
+    model_config: ModelConfig
+    params: dict[str, torch.Tensor]  # the last committed global model
+    version: int
+    outer: OuterOptimizer  # its state as committed with that version
+
+
+def open_federation(
+    config: AggregatorConfig,
+    store: Store,
+    checkpoints: CheckpointStore,
+    *,
+    clock: Callable[[], float],
+    log: Callable[[str], None],
+) -> Opened:
+    """Create the federation named in `config`, or resume it; refuses a changed frozen field."""
+    tokenizer_spec = (
+        load_tokenizer({"kind": "bpe"}, config.federation.tokenizer).spec()
+        if config.federation.tokenizer
+        else ByteTokenizer().spec()
+    )
+    model_config = config.model.with_vocab(tokenizer_spec["vocab_size"])
+    spec = build_spec(config, model_config.to_json(), tokenizer_spec)
+    name = config.federation.name
+    found = store.find_federation(name)
+    if found is None:
+        federation_id = str(uuid.uuid4())
+        spec.federation_id = federation_id
+        torch.manual_seed(config.federation.seed)
+        params = {k: v.detach().clone() for k, v in model_state(GPT(model_config)).items()}
+        outer = OuterOptimizer(config.outer, params)
+        record = checkpoints.write(0, -1, params, outer.state_tensors(), outer.state_meta())
+        row = CheckpointRow(0, -1, str(record.path), record.sha256, record.nbytes, clock())
+        store.create_federation(federation_id, name, _spec_json(spec), row)
+        log(f"federation {name!r} created ({model_config.num_params() / 1e6:.2f}M params)")
+        return Opened(federation_id, spec, model_config, params, 0, outer)
+    federation_id, stored_json, _status = found
+    spec.federation_id = federation_id
+    stored = json_format.Parse(stored_json, pb.FederationSpec())
+    changed = [f for f in FROZEN_SPEC_FIELDS if getattr(stored, f) != getattr(spec, f)]
+    if changed:
+        raise RecoveryError(
+            f"federation {name!r} in {config.store.state_dir} was created with "
+            f"another {', '.join(changed)}; use another name or state folder"
+        )
+    row = store.latest_checkpoint(federation_id)
+    for path in checkpoints.remove_newer_than(row.version):
+        log(f"recovery: removed uncommitted checkpoint {path}")
+    params, outer_tensors, meta = checkpoints.read(row.version, expected_sha256=row.sha256)
+    outer = OuterOptimizer(config.outer, params)
+    try:
+        outer.load_state(outer_tensors, meta["outer"])
+    except OuterConfigError as e:
+        raise RecoveryError(
+            f"cannot resume the outer optimizer with this [outer] config: {e}"
+        ) from e
+    log(f"federation {name!r} resumed at model version {row.version}")
+    return Opened(federation_id, spec, model_config, params, row.version, outer)
+
+
+def _spec_json(spec: pb.FederationSpec) -> str:
+    return json.dumps(
+        json_format.MessageToDict(spec, preserving_proto_field_name=True), sort_keys=True
+    )

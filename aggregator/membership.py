@@ -1,0 +1,82 @@
+"""Who may call: organisations join, get a node id and a session token, and are recognised by
+that token (--insecure) or by their certified organisation name (mutual TLS).
+
+Its own lock, not the round's: a Join never waits for round work, and round work only asks how
+many nodes joined. The lock is held across the node's database upsert so that the token cache
+and the database agree on which token is a node's current one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import threading
+import uuid
+
+from aggregator.errors import InvalidArgument, Unauthenticated
+from aggregator.state import Shared
+from aggregator.store import NodeRow
+
+ORGANISATION_NAME = re.compile(r"[\w .@:/+-]{1,200}")  # matched with fullmatch: no trailing \n
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Membership:
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self._lock = threading.Lock()
+        self._tokens: dict[str, NodeRow] = {}  # token digest -> node (cache of the store)
+        self._by_organisation: dict[str, NodeRow] = {}  # certified organisation -> node
+
+    def join(self, organisation: str, capabilities: dict) -> tuple[NodeRow, str]:
+        if not ORGANISATION_NAME.fullmatch(organisation or ""):
+            raise InvalidArgument(
+                "organisation must be 1-200 letters, digits, spaces or . @ : / + - _"
+            )
+        s = self.shared
+        token = secrets.token_urlsafe(32)
+        node_id = f"node-{uuid.uuid4().hex[:12]}"
+        with self._lock:
+            node = s.store_call(s.store.upsert_node, s.federation_id, node_id, organisation,
+                                token_digest(token), capabilities)  # fmt: skip
+            self._tokens = {d: n for d, n in self._tokens.items() if n.id != node.id}
+            self._tokens[token_digest(token)] = node
+            self._by_organisation[node.organisation] = node
+        s.log(f"node {node.id} joined for {organisation!r}")
+        return node, token
+
+    def node_of_organisation(self, organisation: str) -> NodeRow:
+        """The node a certified organisation registered with Join."""
+        s = self.shared
+        with self._lock:
+            node = self._by_organisation.get(organisation)
+            if node is None:
+                nodes = s.store_call(s.store.nodes, s.federation_id)
+                node = next((n for n in nodes if n.organisation == organisation), None)
+                if node is None:
+                    raise Unauthenticated(
+                        f"organisation {organisation!r} has not joined: call Join first"
+                    )
+                self._by_organisation[organisation] = node
+            return node
+
+    def authenticate(self, token: str) -> NodeRow:
+        s = self.shared
+        digest = token_digest(token or "")
+        with self._lock:
+            node = self._tokens.get(digest)
+            if node is None:
+                node = s.store_call(s.store.node_by_token, s.federation_id, digest)
+                if node is None:
+                    raise Unauthenticated("unknown or revoked session: call Join first")
+                self._tokens[digest] = node
+            return node
+
+    def known_nodes(self) -> int:
+        """Nodes with a session seen by this process (everyone ready: no need to wait longer)."""
+        with self._lock:
+            return len(self._tokens)

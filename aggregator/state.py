@@ -1,0 +1,104 @@
+"""What the coordinator's jobs share: the current round, its secure aggregation, the model
+version being served, and the one lock (with its condition) that guards them.
+
+Each job (membership, round lifecycle, upload intake, commit) changes this state only under
+`lock`, briefly and with no file I/O in between (database transactions that record a transition
+stay under it, so the state and its row move together), and notifies `changed` when a waiting
+GetTask may have something new to say. The served model is an immutable `GlobalModel` swapped
+whole, so readers (PullModel) need no lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from aggregator.config import AggregatorConfig
+from aggregator.errors import Unavailable
+from aggregator.secure_aggregation import SecAggRound
+from aggregator.store import RoundRow, Store, StoreError
+from protos import federation_pb2 as pb
+from protos.codec import EncodedPayload, TensorSpec, encode, specs_of
+
+
+class RoundState(enum.StrEnum):
+    OPEN = "OPEN"
+    TRAINING = "TRAINING"
+    COLLECTING = "COLLECTING"
+    AGGREGATING = "AGGREGATING"
+    COMMITTED = "COMMITTED"
+    FAILED = "FAILED"
+
+
+ACCEPTING = (RoundState.TRAINING, RoundState.COLLECTING)
+
+
+class RecoveryError(RuntimeError):
+    """The state folder and database cannot be resumed with this configuration."""
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """One model version as served: replaced whole, never changed in place."""
+
+    version: int
+    params: dict[str, torch.Tensor]
+    payload: EncodedPayload
+    upload_specs: tuple[TensorSpec, ...]  # what a node's update must consist of
+
+    @classmethod
+    def build(
+        cls, params: dict[str, torch.Tensor], version: int, chunk_bytes: int, *, secure: bool
+    ) -> GlobalModel:
+        """Encode the model for serving. It hashes every byte (seconds at 1B parameters), so
+        call it without the lock."""
+        # With secure aggregation the updates are masked uint32 vectors of the model's shape.
+        dtype = "uint32" if secure else "float32"
+        specs = tuple(TensorSpec(s.name, s.shape, dtype) for s in specs_of(params))
+        return cls(version, params, encode(params, chunk_bytes), specs)
+
+
+class Shared:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        store: Store,
+        federation_id: str,
+        spec: pb.FederationSpec,
+        model: GlobalModel,
+        *,
+        clock: Callable[[], float],
+        log: Callable[[str], None],
+    ) -> None:
+        self.config, self.store, self.clock, self.log = config, store, clock, log
+        self.federation_id, self.spec = federation_id, spec
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.model = model
+        self.round: RoundRow = store.current_round(federation_id)
+        self.secagg: SecAggRound | None = None  # this round's secure aggregation, when on
+
+    @property
+    def secure(self) -> bool:
+        return self.config.delta_encoding == "masked-int32"
+
+    @property
+    def finished(self) -> bool:
+        total = self.config.federation.rounds
+        return total > 0 and self.model.version >= total
+
+    def store_call(self, method, *args):
+        try:
+            return method(*args)
+        except StoreError as e:
+            raise Unavailable(str(e)) from e
+
+    def move_round(self, state: RoundState) -> None:
+        """Record the current round's new state, then hold it here. Caller holds `lock`."""
+        self.store_call(self.store.set_round_state, self.federation_id, self.round.number, state)
+        self.round = dataclasses.replace(self.round, state=str(state))
