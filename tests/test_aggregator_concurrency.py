@@ -1,0 +1,210 @@
+"""The aggregator under concurrency, over a real gRPC server on 127.0.0.1: a slow commit does
+not stall the control plane, and uploads summed in parallel (with one refused half-way, its
+bytes rebuilt out while the others keep adding) give exactly the sum recomputed here."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aggregator import accumulator
+from aggregator.checkpoints import CheckpointStore
+from aggregator.config import RoundConfig
+from aggregator.handlers import SERVICE_NAME
+from protos import federation_pb2 as pb
+from protos.codec import encode
+from tests.test_aggregator import (  # noqa: F401 (serve is a fixture)
+    CHUNK,
+    flip_byte,
+    join,
+    make_config,
+    raw_push,
+    serve,
+    train_tasks,
+    wait_for_version,
+)
+
+SLOW_WRITE_SECONDS = 3.0
+PROMPT_SECONDS = 0.5  # far below the slow write: an answer that waited for it would take ~3 s
+
+
+def test_a_slow_commit_does_not_delay_get_task_join_or_health(
+    tmp_path: Path,
+    serve,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writing, written = threading.Event(), threading.Event()
+    original_write = CheckpointStore.write
+
+    def slow_write(self, version, *args, **kwargs):  # the disk of a 1B-parameter checkpoint
+        if version >= 1:
+            writing.set()
+            time.sleep(SLOW_WRITE_SECONDS)
+        record = original_write(self, version, *args, **kwargs)
+        if version >= 1:
+            written.set()
+        return record
+
+    monkeypatch.setattr(CheckpointStore, "write", slow_write)
+    agg = serve(make_config(tmp_path))
+    a, b = join(agg, "acme", "globex")
+    train_tasks([a, b])
+    global0 = a.pull_model(0)
+    deltas = [{k: torch.full_like(v, x) for k, v in global0.items()} for x in (0.25, 0.75)]
+    for client, delta in zip((a, b), deltas, strict=True):
+        assert client.push_update(0, 0, delta, num_tokens=100, train_loss=1.0).complete
+    assert writing.wait(timeout=10), "the commit did not start"
+    health = health_pb2_grpc.HealthStub(a.channel)
+
+    latencies: dict[str, list[float]] = {"GetTask": [], "Join": [], "status": [], "health": []}
+    waits: list[pb.Task] = []
+    probe = 0
+    while not written.is_set():
+        start = time.perf_counter()
+        waits.append(a.get_task(wait_seconds=0))
+        latencies["GetTask"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        a.stub.Join(pb.JoinRequest(organisation=f"probe-{probe}"), timeout=10)
+        latencies["Join"].append(time.perf_counter() - start)
+        probe += 1
+        start = time.perf_counter()
+        a.upload_status(0)
+        latencies["status"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
+        latencies["health"].append(time.perf_counter() - start)
+        time.sleep(0.02)
+    for name, values in latencies.items():
+        p99 = float(np.percentile(values, 99))
+        assert max(values) < PROMPT_SECONDS, (
+            f"{name} waited for the commit: max {max(values):.3f} s, p99 {p99:.3f} s over "
+            f"{len(values)} calls"
+        )
+    assert len(latencies["GetTask"]) >= 10, "too few calls landed during the commit"
+    # During the commit a node is told to wait, and why.
+    assert all(t.kind == pb.Task.WAIT for t in waits)
+    assert any("being aggregated" in t.message for t in waits), [t.message for t in waits]
+
+    wait_for_version(agg, 1)  # the commit still lands, with the right model
+    for name, value in global0.items():
+        torch.testing.assert_close(agg.coordinator.params[name], value - 0.5, atol=0, rtol=0)
+    rounds = agg.store.rounds(agg.coordinator.federation_id)
+    assert (rounds[0].state, rounds[0].result_version, rounds[-1].number) == ("COMMITTED", 1, 1)
+    assert a.pull_model(1).keys() == global0.keys()
+
+
+def dyadic_delta(global_params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Multiples of 1/8 in [-8, 8]: weighted sums of a few of them are exact in fp32 whatever
+    the order they are added in, so the server's parallel sum can be checked bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randint(-64, 65, v.shape, generator=g).float() / 8
+        for k, v in global_params.items()
+    }
+
+
+def test_parallel_uploads_sum_exactly_while_a_refused_one_is_rebuilt_out(
+    tmp_path: Path,
+    serve,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Small stripes: each 16 KiB chunk spans several, so uploads share and interleave them.
+    monkeypatch.setattr(accumulator, "STRIPE_ELEMENTS", 1000)
+    inside, most_inside, count_lock = 0, 0, threading.Lock()
+    original_add_stripe = accumulator.StreamingAccumulator._add_stripe
+
+    def counted_add_stripe(self, *args):  # how many threads add at once (a slow add widens it)
+        nonlocal inside, most_inside
+        with count_lock:
+            inside += 1
+            most_inside = max(most_inside, inside)
+        try:
+            time.sleep(0.002)
+            return original_add_stripe(self, *args)
+        finally:
+            with count_lock:
+                inside -= 1
+
+    monkeypatch.setattr(accumulator.StreamingAccumulator, "_add_stripe", counted_add_stripe)
+    orgs = ("acme", "globex", "initech", "umbrella", "hooli")
+    config = make_config(tmp_path, round=RoundConfig(min_nodes=5, max_nodes=5,
+                                                     timeout_seconds=60.0, start_grace_seconds=0.2))  # fmt: skip
+    agg = serve(config)
+    clients = join(agg, *orgs)
+    train_tasks(clients)
+    global0 = clients[0].pull_model(0)
+    deltas = [dyadic_delta(global0, seed) for seed in range(len(orgs))]
+    tokens = [1000 * (i + 1) for i in range(len(orgs))]
+    payloads = [encode(d, CHUNK) for d in deltas]
+    assert payloads[0].manifest.num_chunks >= 4
+
+    def header(i: int) -> pb.UpdateHeader:
+        return pb.UpdateHeader(round=0, base_version=0, num_tokens=tokens[i], train_loss=1.0)
+
+    def corrupt_late_chunk(messages: list) -> list:  # a bad chunk after some good ones
+        return messages[:2] + flip_byte(messages[2:])
+
+    # Nodes 0-2 upload in full, node 3 is refused half-way (its chunks leave the sum by a
+    # rebuild while the others stream), node 4 holds back so that the round stays open.
+    outcomes: dict[int, object] = {}
+
+    def push(i: int) -> None:
+        try:
+            mutate = corrupt_late_chunk if i == 3 else None
+            outcomes[i] = raw_push(clients[i], header(i), payloads[i], mutate=mutate)
+        except grpc.RpcError as e:
+            outcomes[i] = e.code()
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(outcomes[i].complete for i in range(3)), outcomes
+    assert outcomes[3] == grpc.StatusCode.INVALID_ARGUMENT
+    assert most_inside > 1, "chunks of different uploads were never added at the same time"
+
+    def exact_sum(nodes: range | list[int]) -> np.ndarray:
+        flat = [torch.cat([deltas[i][k].reshape(-1) for k in global0]).double() for i in nodes]
+        return sum(tokens[i] * f for i, f in zip(nodes, flat, strict=True)).float().numpy()
+
+    acc = agg.coordinator.accumulator
+    with acc.exclusive():
+        np.testing.assert_array_equal(acc._sum, exact_sum(range(3)))
+        assert acc.total_weight == sum(tokens[:3])
+
+    # The refused node sends its update again, the last one joins in: the round commits
+    # FedAvg (lr 1) of the five, from the same exact sum.
+    assert raw_push(clients[3], header(3), payloads[3]).complete
+    assert raw_push(clients[4], header(4), payloads[4]).complete
+    wait_for_version(agg, 1)
+    mean = torch.from_numpy(exact_sum(range(5)) / np.float32(sum(tokens)))
+    start = 0
+    for name, value in global0.items():
+        n = value.numel()
+        expected = value - mean[start : start + n].view(value.shape)
+        torch.testing.assert_close(agg.coordinator.params[name], expected, atol=0, rtol=0)
+        start += n
+    assert not list((tmp_path / "state" / "uploads").rglob("*.part"))
+
+
+def test_each_round_sums_into_a_fresh_accumulator(tmp_path: Path, serve) -> None:  # noqa: F811
+    """Ending a round never waits for the last round's sum: the next starts from zeros."""
+    agg = serve(make_config(tmp_path))
+    a, b = join(agg, "acme", "globex")
+    train_tasks([a, b])
+    global0 = a.pull_model(0)
+    first = agg.coordinator.accumulator
+    for client in (a, b):
+        delta = {k: torch.full_like(v, 0.5) for k, v in global0.items()}
+        assert client.push_update(0, 0, delta, num_tokens=10, train_loss=1.0).complete
+    wait_for_version(agg, 1)
+    fresh = agg.coordinator.accumulator
+    assert fresh is not first and fresh.total_weight == 0 and not np.any(fresh._sum)
