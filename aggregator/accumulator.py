@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from protos import secagg
 from protos.codec import TensorSpec
+from protos.delta_encoding import RING_BITS, decode_chunk, is_secure
 
 READ_BYTES = 4 << 20
 STRIPE_ELEMENTS = 1 << 18  # 1 MiB of fp32: a 4 MiB chunk spans ~4 stripes two uploads can share
@@ -33,12 +35,16 @@ STRIPE_ELEMENTS = 1 << 18  # 1 MiB of fp32: a 4 MiB chunk spans ~4 stripes two u
 Decoder = Callable[[int, bytes], tuple[int, np.ndarray]]
 
 
-def decode_fp32(byte_offset: int, data: bytes) -> tuple[int, np.ndarray]:
-    return byte_offset // 4, np.frombuffer(data, dtype="<f4")
+def _ring_words(ring: type, byte_offset: int, data: bytes) -> tuple[int, np.ndarray]:
+    size = np.dtype(ring).itemsize
+    return byte_offset // size, np.frombuffer(data, dtype=np.dtype(ring).newbyteorder("<"))
 
 
-def decode_uint32(byte_offset: int, data: bytes) -> tuple[int, np.ndarray]:
-    return byte_offset // 4, np.frombuffer(data, dtype="<u4")
+def _decoded(
+    encoding: str, num_elements: int, byte_offset: int, data: bytes
+) -> tuple[int, np.ndarray]:
+    start, values = decode_chunk(encoding, byte_offset, data)
+    return start, values[: max(0, num_elements - start)]  # an int8 payload's padding
 
 
 class Gate:
@@ -83,19 +89,24 @@ class Gate:
 
 
 class StreamingAccumulator:
-    """fp32 mode: Σ weight·values. Modular mode (secure aggregation): Σ values mod 2^32 of
-    masked uint32 updates, exact whatever the order the chunks arrive in; no weights (the nodes
-    weighted their deltas before masking)."""
+    """Plain encodings (fp32, bf16, int8): Σ weight·decoded values, in fp32. Secure encodings
+    (masked-int32/16/8): Σ values mod 2^bits of the masked updates, exact whatever the order the
+    chunks arrive in; no weights (the nodes weighted their deltas before masking)."""
 
-    def __init__(self, specs: Iterable[TensorSpec], *, modular: bool = False) -> None:
-        self.specs = list(specs)
-        self.modular = modular
-        dtype = "uint32" if modular else "float32"
-        if any(s.dtype != dtype for s in self.specs):
-            raise ValueError(f"this accumulator sums {dtype} tensors only")
-        self.decode: Decoder = decode_uint32 if modular else decode_fp32
+    def __init__(self, model_specs: Iterable[TensorSpec], encoding: str = "fp32") -> None:
+        self.specs = list(model_specs)  # the model's fp32 tensors, whatever travels
+        if any(s.dtype != "float32" for s in self.specs):
+            raise ValueError("the accumulator's layout is the model's float32 tensors")
+        self.encoding = encoding
+        self.modular = is_secure(encoding)
         self.num_elements = sum(s.nbytes // 4 for s in self.specs)
-        self._sum = np.zeros(self.num_elements, dtype=np.uint32 if modular else np.float32)
+        if self.modular:
+            ring = secagg.RING_DTYPES[RING_BITS[encoding]]
+            self.decode: Decoder = lambda offset, data: _ring_words(ring, offset, data)
+            self._sum = np.zeros(self.num_elements, dtype=ring)
+        else:
+            self.decode = lambda offset, data: _decoded(encoding, self.num_elements, offset, data)
+            self._sum = np.zeros(self.num_elements, dtype=np.float32)
         self.total_weight = 0.0
         stripes = -(-self.num_elements // STRIPE_ELEMENTS) or 1
         self._stripes = [threading.Lock() for _ in range(stripes)]
@@ -139,7 +150,7 @@ class StreamingAccumulator:
         hi = min((stripe + 1) * STRIPE_ELEMENTS, start + len(values))
         segment, part = self._sum[lo:hi], values[lo - start : hi - start]
         if self.modular:
-            segment += part  # uint32 wraps: arithmetic mod 2^32
+            segment += part  # unsigned words wrap: arithmetic mod 2^bits
             return True
         with np.errstate(over="ignore"):  # overflow is detected just below and refused
             segment += part * np.float32(weight)
@@ -167,6 +178,10 @@ class StreamingAccumulator:
                 offset += len(data)
         if nbytes is not None and offset != nbytes:
             raise OSError(f"{path} holds {offset} bytes, {nbytes} were added from it")
+
+    def raw_sum(self) -> np.ndarray:
+        """The running sum itself (no copy), to read chunk by chunk. Caller holds `exclusive()`."""
+        return self._sum
 
     def modular_sum(self) -> np.ndarray:
         """A copy of the masked modular sum (to unmask without touching the running sum).

@@ -20,19 +20,23 @@ attempt finds that version in the database and installs it instead of stepping a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from aggregator.checkpoints import CheckpointStore
+from aggregator.downloads import compress_step
+from aggregator.federation import UPDATE_SCALE_KEY, update_scale_of
 from aggregator.intake import UploadIntake
 from aggregator.outer import OuterOptimizer
 from aggregator.round_sum import Member, RoundSum
 from aggregator.secure_aggregation import SecAggRound
 from aggregator.state import GlobalModel, RoundState, Shared
 from aggregator.store import CheckpointRow, MetricRow, RoundRow, SubmissionRow
-from protos import crash_points, secagg
+from protos import crash_points
+from protos.delta_encoding import FlatLayout
 
 
 @dataclass(frozen=True)
@@ -84,17 +88,32 @@ class Committer:
         try:
             if job.reload and self._reload(job):
                 return
-            new_params = self.outer.step(job.base.params, self._mean_delta(job))
+            mean_delta = self._mean_delta(job)
+            scale = self._update_scale(job, mean_delta)
+            new_params = self.outer.step(job.base.params, mean_delta)
+            del mean_delta
             version = job.base.version + 1
-            record = self.checkpoints.write(
-                version, r.number, new_params, self.outer.state_tensors(), self.outer.state_meta()
+            chunk_bytes = s.config.server.chunk_bytes
+            download, update_path, update_manifest = (
+                s.config.federation.download_encoding,
+                None,
+                None,
             )
+            if download != "fp32":  # the new model is what the compressed update rebuilds
+                update_path = self.checkpoints.root / f"update_v{version:08d}.payload"
+                new_params, update_manifest = compress_step(
+                    job.base.params, new_params, download, update_path, chunk_bytes, version
+                )
+            extra = {UPDATE_SCALE_KEY: json.dumps(scale)} if scale is not None else None
+            record = self.checkpoints.write(version, r.number, new_params, self.outer.state_tensors(),
+                                            self.outer.state_meta(), extra)  # fmt: skip
             row = CheckpointRow(
                 version, r.number, str(record.path), record.sha256, record.nbytes, s.clock()
             )
             crash_points.reached("aggregator.checkpointed", r.number)
-            model = GlobalModel.build(new_params, version, s.config.server.chunk_bytes,
-                                      secure=s.secure)  # fmt: skip
+            model = GlobalModel.build(new_params, version, chunk_bytes, encoding=s.config.delta_encoding,
+                                      update_path=update_path, update_manifest=update_manifest,
+                                      update_scale=scale)  # fmt: skip
             total = s.config.federation.rounds
             open_next = not (total and version >= total)
             with s.lock:
@@ -126,11 +145,22 @@ class Committer:
     def _unmasked_mean(
         sec: SecAggRound, rs: RoundSum, completed: tuple[SubmissionRow, ...]
     ) -> dict[str, torch.Tensor]:
-        total = rs.modular_sum()
-        sec.unmask_sum(total)
-        cfg = secagg.QuantizationConfig(clip=sec.clip, scale=sec.scale)
-        weights = sec.total_weight({sub.node_id: sub.num_tokens for sub in completed})
-        return rs.accumulator.as_tensors(secagg.dequantize_sum(total, cfg) / np.float32(weights))
+        tokens = {sub.node_id: sub.num_tokens for sub in completed}
+        acc = rs.accumulator
+        out = np.empty(acc.num_elements, dtype=np.float32)
+        with acc.exclusive():  # unmasked chunk by chunk from the running sum, never copied whole
+            sec.unmasked_mean_into(acc.raw_sum(), FlatLayout.of(acc.specs), tokens, out)
+        return acc.as_tensors(out)
+
+    @staticmethod
+    def _update_scale(job: CommitJob, mean_delta: dict[str, torch.Tensor]) -> list[float] | None:
+        """Secure rounds: each tensor's RMS of the mean update × the largest node weight, the
+        public scale the next round's clip bounds follow (lifecycle._clips)."""
+        sec = job.secagg
+        if sec is None:
+            return None
+        heaviest = max(sub.num_tokens for sub in job.completed) / sec.weight_unit
+        return [float(t.float().pow(2).mean().sqrt()) * heaviest for t in mean_delta.values()]
 
     def _in_node_order(self, members: list[Member]) -> list[Member]:
         """By organisation: an order that is the same in every run of a federation (node ids
@@ -172,7 +202,8 @@ class Committer:
             return False
         self.outer.load_state(outer_tensors, meta["outer"])
         model = GlobalModel.build(params, row.version, s.config.server.chunk_bytes,
-                                  secure=s.secure)  # fmt: skip
+                                  encoding=s.config.delta_encoding,
+                                  update_scale=update_scale_of(meta))  # fmt: skip
         with s.lock:
             self._install(model)
         self._dirty = False

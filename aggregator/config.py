@@ -19,6 +19,18 @@ from pathlib import Path
 from aggregator.outer import OuterConfig, OuterConfigError
 from model.config import ConfigError, ModelConfig, dataclass_from_dict, preset
 from model.train_config import TrainConfig, TrainConfigError
+from protos.delta_encoding import (
+    ENCODINGS,
+    PLAIN_ENCODINGS,
+    RING_BITS,
+    EncodingError,
+    check_chunk_bytes,
+    is_secure,
+)
+
+# The encodings "auto" picks (chosen from bench.convergence and bench.scale: see the README).
+AUTO_SECURE = "masked-int32"
+AUTO_PLAIN = "fp32"
 
 
 class AggregatorConfigError(ValueError):
@@ -73,16 +85,26 @@ class FederationConfig:
     inner_steps: int = 50  # H
     seed: int = 0  # initial global model
     tokenizer: str = ""  # BPE tokenizer JSON (nodes need the same file); empty: byte-level
-    delta_encoding: str = "auto"  # auto: secure aggregation (masked-int32) with TLS, fp32 without
+    # How node updates travel (protos/delta_encoding.py): plain fp32 | bf16 | int8, or secure
+    # aggregation masked-int32 | masked-int16 | masked-int8. auto: AUTO_SECURE with mutual TLS,
+    # AUTO_PLAIN without.
+    delta_encoding: str = "auto"
+    # How nodes holding the previous version receive the next: fp32 = the whole model; bf16 or
+    # int8 = the compressed outer update, which then defines the new model (aggregator/downloads.py).
+    download_encoding: str = "fp32"
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 100:
             raise AggregatorConfigError("[federation] name must be 1 to 100 characters")
         if self.rounds < 0 or self.inner_steps <= 0:
             raise AggregatorConfigError("[federation] rounds must be ≥ 0 and inner_steps > 0")
-        if self.delta_encoding not in ("auto", "fp32", "masked-int32"):
+        if self.delta_encoding not in ("auto", *ENCODINGS):
             raise AggregatorConfigError(
-                "[federation] delta_encoding must be auto, fp32 or masked-int32"
+                f"[federation] delta_encoding must be auto, {', '.join(ENCODINGS)}"
+            )
+        if self.download_encoding not in PLAIN_ENCODINGS:
+            raise AggregatorConfigError(
+                f"[federation] download_encoding must be one of {', '.join(PLAIN_ENCODINGS)}"
             )
 
 
@@ -110,18 +132,26 @@ class RoundConfig:
 
 @dataclass(frozen=True)
 class SecAggConfig:
-    clip: float = 1.0  # public bound on each element of a node's weighted delta
+    # Public bound on each element of a node's weighted update (Δ + residual) · weight, per
+    # tensor. Until a round has committed, `clip` for every tensor; then, with clip_rms_multiple
+    # > 0, that multiple of the RMS of each tensor of the last committed mean update (public:
+    # the aggregator learns the mean anyway), which keeps a narrow ring's steps fine. Clipped
+    # mass is not lost: each node carries it to its next update (error feedback).
+    clip: float = 1.0
+    clip_rms_multiple: float = 8.0
     threshold: int = 0  # Shamir threshold t; 0: ceil(2n/3) of the nodes that advertised keys
     stage_timeout_seconds: float = 120.0  # deadline of each key / unmask stage
 
     def __post_init__(self) -> None:
         if (
             not (self.clip > 0 and self.clip < 1e6)
+            or not 0 <= self.clip_rms_multiple < 1e6
             or self.threshold < 0
             or self.stage_timeout_seconds <= 0
         ):
             raise AggregatorConfigError(
-                "[secagg] clip must be in (0, 1e6), threshold ≥ 0, stage_timeout_seconds > 0"
+                "[secagg] clip must be in (0, 1e6), clip_rms_multiple in [0, 1e6), "
+                "threshold ≥ 0, stage_timeout_seconds > 0"
             )
 
 
@@ -149,18 +179,32 @@ class AggregatorConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
-        if self.federation.delta_encoding == "masked-int32" and self.server.insecure:
+        encoding = self.delta_encoding
+        if is_secure(encoding) and self.server.insecure:
             raise AggregatorConfigError(
-                "secure aggregation (masked-int32) needs mutual TLS: the nodes sign their round keys "
-                "with the identity keys their certificates vouch for"
+                f"secure aggregation ({encoding}) needs mutual TLS: the nodes sign their round "
+                "keys with the identity keys their certificates vouch for"
             )
+        try:
+            check_chunk_bytes(encoding, self.server.chunk_bytes)
+            check_chunk_bytes(self.federation.download_encoding, self.server.chunk_bytes)
+        except EncodingError as e:
+            raise AggregatorConfigError(f"[server] {e}") from e
+        if is_secure(encoding):
+            bits = RING_BITS[encoding]
+            most = self.round.max_nodes or self.round.min_nodes
+            if most * 2 >= 2 ** (bits - 1):
+                raise AggregatorConfigError(
+                    f"a {bits}-bit ring cannot hold the sum of {most} nodes' updates: "
+                    "use a wider delta_encoding or fewer [round] max_nodes"
+                )
 
     @property
     def delta_encoding(self) -> str:
         """The encoding in force: secure aggregation needs identity keys, hence mutual TLS."""
         chosen = self.federation.delta_encoding
         if chosen == "auto":
-            return "fp32" if self.server.insecure else "masked-int32"
+            return AUTO_PLAIN if self.server.insecure else AUTO_SECURE
         return chosen
 
 

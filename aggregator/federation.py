@@ -24,7 +24,8 @@ from model.tokenizer import ByteTokenizer, load_tokenizer
 from protos import federation_pb2 as pb
 
 # Fields of the spec a restarted aggregator may not change under a running federation.
-FROZEN_SPEC_FIELDS = ("model_config_json", "tokenizer_json", "outer_optimizer", "delta_encoding")
+FROZEN_SPEC_FIELDS = ("model_config_json", "tokenizer_json", "outer_optimizer", "delta_encoding",
+                      "download_encoding")  # fmt: skip
 
 
 def build_spec(
@@ -45,6 +46,7 @@ def build_spec(
         outer_optimizer=config.outer.name,
         total_rounds=config.federation.rounds,
         delta_encoding=config.delta_encoding,
+        download_encoding=config.federation.download_encoding,
     )
 
 
@@ -56,6 +58,16 @@ class Opened:
     params: dict[str, torch.Tensor]  # the last committed global model
     version: int
     outer: OuterOptimizer  # its state as committed with that version
+    update_scale: tuple[float, ...] | None = None  # see state.GlobalModel
+
+
+UPDATE_SCALE_KEY = "update_scale"  # checkpoint metadata: GlobalModel.update_scale as JSON
+
+
+def update_scale_of(meta: dict) -> tuple[float, ...] | None:
+    """The update scale a checkpoint's metadata records, if any."""
+    raw = meta.get(UPDATE_SCALE_KEY)
+    return tuple(float(x) for x in json.loads(raw)) if raw else None
 
 
 def open_federation(
@@ -108,7 +120,8 @@ def open_federation(
             f"cannot resume the outer optimizer with this [outer] config: {e}"
         ) from e
     log(f"federation {name!r} resumed at model version {row.version}")
-    return Opened(federation_id, spec, model_config, params, row.version, outer)
+    return Opened(federation_id, spec, model_config, params, row.version, outer,
+                  update_scale_of(meta))  # fmt: skip
 
 
 def _spec_json(spec: pb.FederationSpec) -> str:

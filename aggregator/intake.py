@@ -56,7 +56,7 @@ class UploadIntake:
 
     def _new_sum(self, number: int) -> RoundSum:
         s = self.shared
-        return RoundSum(number, s.model.upload_specs, modular=s.secure)
+        return RoundSum(number, s.model.model_specs, s.config.delta_encoding)
 
     def spool_dir(self, number: int) -> Path:
         return self.uploads_dir / f"round_{number:08d}"

@@ -24,6 +24,7 @@ from aggregator.state import ACCEPTING, RoundState, Shared
 from model.train_config import TrainConfig
 from protos import crash_points
 from protos import federation_pb2 as pb
+from protos.delta_encoding import RING_BITS
 
 
 class RoundLifecycle:
@@ -154,8 +155,8 @@ class RoundLifecycle:
         if s.secure:
             s.secagg = SecAggRound(
                 s.federation_id, s.round.number, tuple(participants), policy.min_nodes,
-                s.config.secagg.clip, s.config.secagg.threshold, self.weight_unit,
-                s.config.secagg.stage_timeout_seconds, now,
+                self._clips(), s.config.secagg.threshold, self.weight_unit,
+                s.config.secagg.stage_timeout_seconds, now, RING_BITS[s.config.delta_encoding],
             )  # fmt: skip
         s.log(f"round {s.round.number}: training with {len(participants)} node(s) "
               f"from version {s.model.version}")  # fmt: skip
@@ -168,6 +169,16 @@ class RoundLifecycle:
         cfg = self.shared.config
         t = TrainConfig.from_dict(cfg.train)
         return float(cfg.federation.inner_steps * t.micro_batch_size * t.grad_accum * t.seq_len)
+
+    def _clips(self) -> tuple[float, ...]:
+        """Public per-tensor clip bounds of a secure round: `[secagg] clip_rms_multiple` times
+        the scale of the last mean update (its RMS × the largest node weight), tensor by tensor,
+        once one is known; `[secagg] clip` before (and for a tensor that did not move)."""
+        s, cfg = self.shared, self.shared.config.secagg
+        scale = s.model.update_scale
+        if not cfg.clip_rms_multiple or scale is None or len(scale) != len(s.model.model_specs):
+            return (cfg.clip,) * len(s.model.model_specs)
+        return tuple(cfg.clip_rms_multiple * u if u > 0 else cfg.clip for u in scale)
 
     def maybe_close_round(self) -> CommitJob | None:
         """Close the round when it is due: fail it, or start its commit (the returned job, to

@@ -60,9 +60,9 @@ class SpooledUpload:
 
 
 class RoundSum:
-    def __init__(self, round_number: int, specs: Iterable[TensorSpec], *, modular: bool) -> None:
+    def __init__(self, round_number: int, model_specs: Iterable[TensorSpec], encoding: str) -> None:
         self.round_number = round_number
-        self.accumulator = StreamingAccumulator(specs, modular=modular)
+        self.accumulator = StreamingAccumulator(model_specs, encoding)
         self._members: dict[Member, None] = {}  # arrival order; guarded by _mutex
         self._mutex = threading.Lock()
         self.retired = False  # the round ended: nobody reads this sum any more

@@ -27,6 +27,7 @@ from aggregator.accumulator import StreamingAccumulator
 from aggregator.checkpoints import CheckpointStore
 from aggregator.commit import Committer
 from aggregator.config import AggregatorConfig
+from aggregator.downloads import OuterUpdate
 from aggregator.errors import NotFound, Refused
 from aggregator.federation import FROZEN_SPEC_FIELDS, build_spec, open_federation
 from aggregator.intake import MAX_TOKENS_PER_UPDATE, UploadIntake
@@ -37,7 +38,7 @@ from aggregator.state import ACCEPTING, GlobalModel, RecoveryError, RoundState, 
 from aggregator.store import NodeRow, RoundRow, Store
 from aggregator.uploads import UploadSession
 from protos import federation_pb2 as pb
-from protos.codec import EncodedPayload, TensorSpec
+from protos.codec import EncodedPayload, SpooledPayload, TensorSpec
 
 __all__ = ["ACCEPTING", "FROZEN_SPEC_FIELDS", "MAX_TOKENS_PER_UPDATE", "ORGANISATION_NAME",
            "Coordinator", "RecoveryError", "RoundState", "build_spec", "token_digest"]  # fmt: skip
@@ -61,9 +62,9 @@ class Coordinator:
         self.federation_id, self.spec, self.model_config = (
             opened.federation_id, opened.spec, opened.model_config
         )  # fmt: skip
-        secure = config.delta_encoding == "masked-int32"
         model = GlobalModel.build(opened.params, opened.version, config.server.chunk_bytes,
-                                  secure=secure)  # fmt: skip
+                                  encoding=config.delta_encoding,
+                                  update_scale=opened.update_scale)  # fmt: skip
         self.shared = Shared(config, store, self.federation_id, self.spec, model,
                              clock=clock, log=log)  # fmt: skip
         self.membership = Membership(self.shared)
@@ -174,13 +175,24 @@ class Coordinator:
             self.shared.changed.notify_all()
 
     # ---- models -------------------------------------------------------------------------------
-    def model_payload(self, version: int) -> EncodedPayload:
+    def model_payload(
+        self, version: int, from_previous: bool = False
+    ) -> tuple[EncodedPayload | SpooledPayload, pb.TensorManifest]:
+        """What a pull of `version` streams, and its manifest: the compressed outer update
+        when the node holds the version before and there is one, else the whole model."""
         model = self.shared.model  # swapped whole: no lock needed to read one version
         if version != model.version:
             raise NotFound(
                 f"model version {version} is not served; the current version is {model.version}"
             )
-        return model.payload
+        if from_previous and model.update is not None:
+            return model.update.payload, model.update.manifest_proto()
+        return model.payload, model.payload.manifest.to_proto()
+
+    def download_update(self, version: int) -> OuterUpdate | None:
+        """The compressed update to `version` this process serves, if any."""
+        model = self.shared.model
+        return model.update if model.version == version else None
 
     # ---- uploads ------------------------------------------------------------------------------
     def begin_upload(self, node_id: str, header: pb.UpdateHeader) -> UploadSession:

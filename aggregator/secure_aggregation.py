@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from aggregator.errors import AlreadyExists, InvalidArgument, PermissionDenied, Refused
 from protos import federation_pb2 as pb
 from protos import secagg
+from protos.delta_encoding import FlatLayout
 
 KEY_BYTES = 32
 MAX_CIPHERTEXT_BYTES = 4096
@@ -45,11 +46,12 @@ class SecAggRound:
     round_number: int
     participants: tuple[str, ...]
     min_nodes: int
-    clip: float
+    clips: tuple[float, ...]  # public bound per tensor of the model, in its order
     threshold_setting: int  # 0: protos.secagg.default_threshold(|U1|)
     weight_unit: float
     stage_timeout: float
     now: float
+    bits: int = 32  # the ring Z_2^bits the masked updates are summed in
     stage: Stage = Stage.ADVERTISE
     keys: dict[str, tuple[pb.SignedKeys, bytes]] = field(default_factory=dict)  # U1
     mailbox: dict[str, list[pb.EncryptedShare]] = field(default_factory=dict)
@@ -57,7 +59,7 @@ class SecAggRound:
     survivors: list[str] = field(default_factory=list)  # U3
     unmask_requests: dict[str, pb.UnmaskRequest] = field(default_factory=dict)
     threshold: int = 0
-    scale: float = 0.0
+    scales: tuple[float, ...] = ()  # per tensor, chosen once the node count is known
     stage_deadline: float = 0.0
 
     def __post_init__(self) -> None:
@@ -149,8 +151,11 @@ class SecAggRound:
         state = pb.SecAggState(round=self.round_number)
         if self.stage == Stage.ADVERTISE:
             return state
-        state.params.CopyFrom(pb.SecAggParams(clip=self.clip, scale=self.scale, threshold=self.threshold,
-                                              weight_unit=self.weight_unit))  # fmt: skip
+        state.params.CopyFrom(pb.SecAggParams(
+            clip=max(self.clips), scale=min(self.scales), threshold=self.threshold,
+            weight_unit=self.weight_unit, tensor_clip=self.clips, tensor_scale=self.scales,
+            ring_bits=self.bits,
+        ))  # fmt: skip
         for n in self.u1:
             keys, cert = self.keys[n]
             state.peers.add(keys=keys, certificate_pem=cert, share_index=self.share_index(n))
@@ -174,7 +179,12 @@ class SecAggRound:
             self.threshold = self.threshold_setting or secagg.default_threshold(len(self.keys))
             if not 1 <= self.threshold <= len(self.keys):
                 return f"threshold {self.threshold} does not fit {len(self.keys)} nodes"
-            self.scale = secagg.choose_scale(self.clip, len(self.keys))
+            try:
+                self.scales = tuple(
+                    secagg.choose_scale(c, len(self.keys), self.bits) for c in self.clips
+                )
+            except secagg.SecAggError as e:
+                return str(e)
             self._next(Stage.SHARE, now)
         elif self.stage == Stage.SHARE and (len(self.shared) == len(self.keys) or late):
             if len(self.shared) < self._needed():
@@ -204,9 +214,13 @@ class SecAggRound:
         self.stage, self.stage_deadline = stage, now + self.stage_timeout
 
     # ---- the sum ------------------------------------------------------------------------------
-    def unmask_sum(self, total: np.ndarray) -> None:
-        """Remove every mask from the modular sum `total` (in place): survivors' self masks, and
-        the pairwise masks survivors still hold with nodes that dropped after sharing."""
+    def unmasked_mean_into(
+        self, total: np.ndarray, layout: FlatLayout, tokens: dict[str, int], out: np.ndarray
+    ) -> None:
+        """out = the unmasked, dequantized sum / Σ weights, as float32, one chunk at a time:
+        a copy of each chunk of the modular sum `total` (never the whole) loses the survivors'
+        self masks and the pairwise masks they still hold with nodes that dropped after
+        sharing, is read as signed integers of the ring's width and scaled per tensor."""
         self_seeds = [self._reconstruct(u, "self") for u in self.survivors]
         pair_masks: list[tuple[bytes, int]] = []
         for d in self.dropped:
@@ -217,8 +231,17 @@ class SecAggRound:
                 shared = secagg.x25519_shared(mask_private, self.keys[v][0].mask_public)
                 seed = secagg.pairwise_seed(shared, self.federation_id, self.round_number, d, v)
                 pair_masks.append((seed, secagg.pair_sign(v, d)))
+        weight = self.total_weight(tokens)
+        signed = f"int{self.bits}"
         for start in range(0, len(total), UNMASK_CHUNK):
-            secagg.unmask_chunk(total[start : start + UNMASK_CHUNK], start, self_seeds, pair_masks)
+            piece = total[start : start + UNMASK_CHUNK].copy()
+            secagg.unmask_chunk(piece, start, self_seeds, pair_masks)
+            values = piece.view(signed)
+            for i, lo, hi in layout.segments(start, start + piece.size):
+                at = layout.offsets[i]
+                out[at + lo : at + hi] = values[at + lo - start : at + hi - start] / (
+                    self.scales[i] * weight
+                )
 
     def _reconstruct(self, about: str, kind: str) -> bytes:
         shares = {}

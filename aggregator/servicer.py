@@ -133,12 +133,14 @@ class FederationServicer(pb_grpc.FederationServicer):
     @_answer_refusals_streaming
     def PullModel(self, request: pb.PullRequest, context) -> Iterator[pb.ModelStreamMessage]:
         self._caller(context)
-        payload = self.coordinator.model_payload(request.model_version)
+        payload, manifest = self.coordinator.model_payload(
+            request.model_version, request.from_previous
+        )
         if request.first_chunk > payload.manifest.num_chunks:
             raise InvalidArgument(
                 f"first_chunk {request.first_chunk} is past the last chunk ({payload.manifest.num_chunks})"
             )
-        yield from model_stream_messages(payload, request.first_chunk)
+        yield from model_stream_messages(payload, request.first_chunk, manifest)
 
     @_answer_refusals
     def PushUpdate(self, request_iterator: Iterator[pb.UpdateMessage], context) -> pb.PushReply:

@@ -15,15 +15,18 @@ import enum
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from aggregator.config import AggregatorConfig
+from aggregator.downloads import OuterUpdate
 from aggregator.errors import Unavailable
 from aggregator.secure_aggregation import SecAggRound
 from aggregator.store import RoundRow, Store, StoreError
 from protos import federation_pb2 as pb
-from protos.codec import EncodedPayload, TensorSpec, encode, specs_of
+from protos.codec import EncodedPayload, Manifest, SpooledPayload, TensorSpec, encode, specs_of
+from protos.delta_encoding import is_secure, wire_specs
 
 
 class RoundState(enum.StrEnum):
@@ -49,18 +52,30 @@ class GlobalModel:
     version: int
     params: dict[str, torch.Tensor]
     payload: EncodedPayload
+    model_specs: tuple[TensorSpec, ...]  # the model's fp32 tensors
     upload_specs: tuple[TensorSpec, ...]  # what a node's update must consist of
+    # The compressed outer update from version − 1 (when the federation sends updates and
+    # this process made it), and per tensor RMS × largest node weight of the mean update that
+    # made this version (public: sets the next secure round's clip bounds), if known.
+    update: OuterUpdate | None = None
+    update_scale: tuple[float, ...] | None = None
 
     @classmethod
     def build(
-        cls, params: dict[str, torch.Tensor], version: int, chunk_bytes: int, *, secure: bool
-    ) -> GlobalModel:
+        cls, params: dict[str, torch.Tensor], version: int, chunk_bytes: int, *, encoding: str,
+        update_path: Path | None = None, update_manifest: Manifest | None = None,
+        update_scale: tuple[float, ...] | None = None,
+    ) -> GlobalModel:  # fmt: skip
         """Encode the model for serving. It hashes every byte (seconds at 1B parameters), so
         call it without the lock."""
-        # With secure aggregation the updates are masked uint32 vectors of the model's shape.
-        dtype = "uint32" if secure else "float32"
-        specs = tuple(TensorSpec(s.name, s.shape, dtype) for s in specs_of(params))
-        return cls(version, params, encode(params, chunk_bytes), specs)
+        specs = tuple(specs_of(params))
+        payload = encode(params, chunk_bytes)
+        update = None
+        if update_path is not None and update_manifest is not None:
+            update = OuterUpdate(version, SpooledPayload(update_manifest, update_path),
+                                 payload.manifest.sha256)  # fmt: skip
+        return cls(version, params, payload, specs, tuple(wire_specs(encoding, specs)), update,
+                   update_scale)  # fmt: skip
 
 
 class Shared:
@@ -85,7 +100,7 @@ class Shared:
 
     @property
     def secure(self) -> bool:
-        return self.config.delta_encoding == "masked-int32"
+        return is_secure(self.config.delta_encoding)
 
     @property
     def finished(self) -> bool:

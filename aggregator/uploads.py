@@ -41,7 +41,7 @@ class UploadSession:
         spool_dir: Path,
         round_sum: RoundSum,
         *,
-        check_finite: bool = True,  # float deltas; masked uint32 updates have no NaN to check
+        check_finite: bool = True,  # float deltas; masked ring words have no NaN to check
     ) -> None:
         self.check_finite = check_finite
         self.node_id, self.round_number = node_id, round_number
@@ -70,9 +70,11 @@ class UploadSession:
             self.verifier.verify(index, data)
         except CodecError as e:
             raise InvalidArgument(f"upload for round {self.round_number}: {e}") from e
-        if self.check_finite and not np.isfinite(np.frombuffer(data, dtype="<f4")).all():
-            raise InvalidArgument(f"chunk {index} of the upload holds NaN or Inf values")
         start, _ = self.manifest.chunk_span(index)
+        if self.check_finite:  # decoded: an int8 block's scale can be the NaN
+            _, values = self.round_sum.accumulator.decode(start, data)
+            if not np.isfinite(values).all():
+                raise InvalidArgument(f"chunk {index} of the upload holds NaN or Inf values")
         with self._file_lock:
             self._check_live()
             try:

@@ -66,6 +66,37 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, metadata
 
 
+def map_float32_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The float32 tensors of a safetensors file as copy-on-write memory maps: pages are read
+    when touched, so walking a model-sized file piece by piece never holds it all in memory."""
+    import numpy as np
+
+    path = Path(path)
+    header = _raw_header(path)
+    start = 8 + int.from_bytes(path.open("rb").read(8), "little")
+    mapped = np.memmap(path, dtype=np.uint8, mode="c")
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] != "F32":
+            raise CheckpointError(f"{path}: tensor {name} is {entry['dtype']}, not F32")
+        first, end = entry["data_offsets"]
+        out[name] = torch.from_numpy(mapped[start + first : start + end].view(np.float32)).view(
+            entry["shape"]
+        )
+    return out
+
+
+def _raw_header(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            return json.loads(f.read(size))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read weights file {path}: {e}") from e
+
+
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
     """The model's state dict without the tied output weight (it is the embedding)."""
     state = model.state_dict()

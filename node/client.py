@@ -7,6 +7,8 @@ model weights and deltas cross the wire (see tests/test_no_data_on_wire.py later
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -18,13 +20,19 @@ from protos import federation_pb2_grpc as pb_grpc
 from protos import pki
 from protos.codec import (
     DEFAULT_CHUNK_BYTES,
+    ChunkVerifier,
     CodecError,
+    EncodedPayload,
+    Manifest,
     PayloadAssembler,
+    SpooledPayload,
     TensorSpec,
     encode,
     receive_model,
+    specs_of,
     update_messages,
 )
+from protos.delta_encoding import FlatLayout, add_decoded_chunk, wire_specs
 
 SESSION_METADATA = "x-fedpt-session"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -145,6 +153,70 @@ class AggregatorClient:
             f"pull of model version {version} did not complete in {self.attempts} attempts"
         )
 
+    def pull_from_previous(
+        self,
+        version: int,
+        held: dict[str, torch.Tensor],
+        encoding: str,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, torch.Tensor] | None:
+        """Model `version` from `held`, this node's copy of version − 1, by adding the
+        compressed outer update chunk by chunk into `held` (in place), resumable like a pull.
+        When the aggregator sends the whole model instead (it has no update for this step),
+        that model. None when the result is not the aggregator's model bit for bit (a broken
+        stream, a hash mismatch): `held` is then spoiled and the caller pulls the whole model."""
+        specs = specs_of(held)
+        layout = FlatLayout.of(specs)
+        verifier: ChunkVerifier | None = None
+        whole = hashlib.sha256()
+        model_sha256 = b""
+        for attempt in range(1, self.attempts + 1):
+            first = verifier.next_index if verifier else 0
+            stream = self.stub.PullModel(
+                pb.PullRequest(model_version=version, first_chunk=first, from_previous=True),
+                metadata=self._metadata, timeout=self.rpc_timeout * 10,
+            )  # fmt: skip
+            breaks: list[grpc.RpcError] = []
+            messages = _counting_chunks(_until_broken(stream, breaks), progress)
+            head = next(messages, None)
+            if head is not None and head.WhichOneof("payload") != "manifest":
+                raise CodecError("model stream must start with a manifest")
+            if head is not None and not head.manifest.model_sha256:
+                if verifier is not None:
+                    return None  # the update went away mid-transfer
+                assembler = receive_model(itertools.chain([head], messages), expected=specs)
+                return assembler.tensors() if assembler.complete else None
+            if head is not None:
+                manifest = Manifest.from_proto(head.manifest, expected=wire_specs(encoding, specs))
+                if verifier is None:
+                    verifier, model_sha256 = ChunkVerifier(manifest), head.manifest.model_sha256
+                elif manifest != verifier.manifest:
+                    return None
+                for message in messages:
+                    chunk = message.chunk
+                    verifier.verify(chunk.index, chunk.data)
+                    whole.update(chunk.data)
+                    start, _ = manifest.chunk_span(chunk.index)
+                    add_decoded_chunk(encoding, held, layout, start, chunk.data)
+                if verifier.complete:
+                    break
+            if breaks:
+                self.log(
+                    f"pull of update to version {version} broke ({breaks[0].code().name}); resuming"
+                )
+            time.sleep(min(0.2 * 2**attempt, 5.0))
+        if verifier is None or not verifier.complete or whole.digest() != verifier.manifest.sha256:
+            return None
+        if (
+            encode(
+                held, self.spec.chunk_bytes if self.spec else DEFAULT_CHUNK_BYTES
+            ).manifest.sha256
+            != model_sha256
+        ):
+            return None
+        return held
+
     def push_update(
         self,
         round_number: int,
@@ -156,11 +228,25 @@ class AggregatorClient:
         chunk_bytes: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> pb.PushReply:
-        """Send this round's delta; after a broken stream, ask where the server is and resume.
-        `progress(n)` after each chunk handed to the transport."""
+        """Send this round's delta as fp32 tensors (see `push_payload`)."""
         payload = encode(
             delta, chunk_bytes or (self.spec.chunk_bytes if self.spec else DEFAULT_CHUNK_BYTES)
         )
+        return self.push_payload(round_number, base_version, payload, num_tokens, train_loss,
+                                 progress=progress)  # fmt: skip
+
+    def push_payload(
+        self,
+        round_number: int,
+        base_version: int,
+        payload: EncodedPayload | SpooledPayload,
+        num_tokens: int,
+        train_loss: float,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> pb.PushReply:
+        """Send an encoded update; after a broken stream, ask where the server is and resume.
+        `progress(n)` after each chunk handed to the transport."""
         first = 0
         for attempt in range(1, self.attempts + 1):
             header = pb.UpdateHeader(round=round_number, base_version=base_version,

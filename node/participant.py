@@ -27,7 +27,7 @@ import torch
 from model.config import ConfigError, ModelConfig, dataclass_from_dict
 from model.delta import pseudo_gradient
 from model.gpt import GPT
-from model.io import model_state, save_tensors_atomic
+from model.io import map_float32_tensors, model_state, save_tensors_atomic
 from model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from model.train_config import TrainConfig
 from node.checkpoint import prune_checkpoints
@@ -39,7 +39,8 @@ from node.secure_aggregation import NodeSecAgg, SecAggRefused
 from node.trainer import Trainer
 from protos import crash_points, pki
 from protos import federation_pb2 as pb
-from protos.codec import TensorSpec, specs_of
+from protos.codec import SpooledPayload, TensorSpec, specs_of
+from protos.delta_encoding import encode_update_in_place, is_secure, plain_rounding_key
 
 SECAGG_STAGES = (pb.Task.SECAGG_ADVERTISE_KEYS, pb.Task.SECAGG_SHARE_KEYS, pb.Task.SECAGG_UNMASK)
 RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -150,6 +151,12 @@ class Participant:
             )
         self.secagg: NodeSecAgg | None = None
         self.federation_id = ""
+        self.spec = pb.FederationSpec()
+        # The quantization error of this node's last update (model version, tensors), added to
+        # its next one; also kept on disk in work_dir/residual/ with the round state.
+        self._residual: tuple[int, dict] | None = None
+        self._residual_dir = self.work_dir / "residual"
+        self._held: tuple[int, dict] | None = None  # the last global model pulled (rank 0)
         self.total_rounds = 0  # from the federation's spec; 0: until the aggregator stops it
         self.trained: dict | None = None  # a round trained before a restart, not yet pushed
         self.trained_versions: set[int] = set()  # versions this process trained from
@@ -168,9 +175,9 @@ class Participant:
             raw = reply.spec.SerializeToString()
         spec = pb.FederationSpec()
         spec.ParseFromString(broadcast_bytes(raw, self.env))
-        self.federation_id = spec.federation_id
+        self.federation_id, self.spec = spec.federation_id, spec
         self.total_rounds = spec.total_rounds
-        if self.env.is_main and spec.delta_encoding == "masked-int32":
+        if self.env.is_main and is_secure(spec.delta_encoding):
             if self.kit is None:
                 raise FederationMismatch(
                     "this federation uses secure aggregation: the node needs its --kit"
@@ -417,12 +424,9 @@ class Participant:
         if self.env.is_main:
             try:
                 weights = self._reconnecting(
-                    lambda: self.client.pull_model(
-                        version, expected=self.model_specs,
-                        progress=lambda _n: crash_points.reached("node.pull", round_number),
-                    ),
-                    "pull",
-                )  # fmt: skip
+                    lambda: self._fetch_global(round_number, version), "pull"
+                )
+                self._held = (version, weights)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.NOT_FOUND:
                     raise
@@ -434,6 +438,23 @@ class Participant:
             weights = {s.name: torch.empty(s.shape, dtype=torch.float32) for s in self.model_specs}
         return broadcast_tensors(weights, self.env)
 
+    def _fetch_global(self, round_number: int, version: int) -> dict[str, torch.Tensor]:
+        """Model `version` (rank 0): from the compressed outer update when this node holds the
+        version before it and the federation sends updates, else the whole model."""
+        progress = lambda _n: crash_points.reached("node.pull", round_number)  # noqa: E731
+        held, self._held = self._held, None  # an update is added into it in place
+        if held is not None and held[0] == version:
+            return held[1]
+        encoding = self.spec.download_encoding
+        if held is not None and held[0] == version - 1 and encoding not in ("", "fp32"):
+            weights = self.client.pull_from_previous(version, held[1], encoding, progress=progress)
+            if weights is not None:
+                return weights
+            self.log(
+                f"round {round_number}: the compressed update did not verify; pulling the model"
+            )
+        return self.client.pull_model(version, expected=self.model_specs, progress=progress)
+
     def _push(self, round_number: int, version: int, delta: dict, tokens: int, loss: float) -> bool:
         if self.cfg.save_deltas:
             path = self.work_dir / "deltas" / f"round_{round_number:08d}.safetensors"
@@ -443,14 +464,10 @@ class Participant:
             self.log(f"round {round_number}: local training diverged; not sending an update")
             return False
         try:
-            update = delta
-            if self.secagg is not None:  # only the masked, quantized update leaves the node
-                update = self._reconnecting(
-                    lambda: self.secagg.mask(round_number, version, delta, tokens), "mask"
-                )
+            payload = self._encode(round_number, version, delta, tokens)
             self._reconnecting(
-                lambda: self.client.push_update(
-                    round_number, version, update, tokens, loss,
+                lambda: self.client.push_payload(
+                    round_number, version, payload, tokens, loss,
                     progress=lambda _n: crash_points.reached("node.upload", round_number),
                 ),
                 "push",
@@ -466,6 +483,47 @@ class Participant:
             self.left_rounds.add(round_number)
             return False
         return True
+
+    def _encode(self, round_number: int, version: int, delta: dict, tokens: int) -> SpooledPayload:
+        """Encode Δ plus the residual carried from this node's last update into a spool file,
+        chunk by chunk; `delta`'s memory becomes the new residual, kept for the next update
+        (in the round state on disk, so it survives a restart). Under secure aggregation only
+        the masked, quantized update leaves the node."""
+        encoding = self.spec.delta_encoding or "fp32"
+        secure = None
+        if self.secagg is not None:
+            secure = self._reconnecting(
+                lambda: self.secagg.secure_params(round_number, tokens, len(delta)), "mask"
+            )
+            key = self.secagg.rounding_key(version)
+        else:
+            key = plain_rounding_key(self.spec.name, self.cfg.organisation_name, version)
+        path = self.work_dir / "uploads" / "update.payload"
+        manifest = encode_update_in_place(
+            delta, encoding, path, self.spec.chunk_bytes, rounding_key=key,
+            residual=self._residual_before(version), secure=secure,
+        )  # fmt: skip
+        if encoding != "fp32":
+            self._keep_residual(version, delta)
+        return SpooledPayload(manifest, path)
+
+    def _residual_before(self, version: int) -> dict | None:
+        """The residual left by this node's newest update to a version before `version` (a
+        retried version is re-encoded from the same residual, so it sends the same bytes)."""
+        if self._residual is not None and self._residual[0] < version:
+            return self._residual[1]
+        files = (
+            sorted(self._residual_dir.glob("v*.safetensors")) if self.cfg.save_round_state else []
+        )
+        older = [f for f in files if int(f.stem[1:]) < version]
+        return map_float32_tensors(older[-1]) if older else None
+
+    def _keep_residual(self, version: int, residual: dict) -> None:
+        self._residual = (version, residual)
+        if self.cfg.save_round_state:
+            save_tensors_atomic(residual, self._residual_dir / f"v{version:08d}.safetensors")
+            for stale in sorted(self._residual_dir.glob("v*.safetensors"))[:-2]:
+                stale.unlink()
 
     # ---- reconnection -------------------------------------------------------------------------
     def _reconnecting(self, call: Callable, what: str):

@@ -3,22 +3,25 @@ this node's delta masked, and only the sum of all survivors' deltas unmasked.
 
 Per round: advertise two fresh X25519 public keys signed with the organisation's Ed25519
 identity key; check every peer's certificate (against the federation CA) and signature; send
-each peer an encrypted Shamir share of this node's self-mask seed and mask private key; mask the
-quantized, weighted delta with the self mask and one pairwise mask per peer; finally reveal, for
+each peer an encrypted Shamir share of this node's self-mask seed and mask private key; hand the
+encoder (protos.delta_encoding) the public per-tensor clips and scales and the mask seeds, with
+which it quantizes the weighted delta and adds the self mask and one pairwise mask per peer,
+one chunk at a time; finally reveal, for
 each survivor, its self-seed share and, for each node that dropped, its mask-key share — never
 both for the same node, which would unmask that node alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import numpy as np
 import torch
 
 from protos import federation_pb2 as pb
 from protos import pki, secagg
+from protos.codec import DEFAULT_CHUNK_BYTES, SpooledPayload
+from protos.delta_encoding import SecureParams, encode_update_in_place
 
 
 class SecAggRefused(RuntimeError):
@@ -112,11 +115,9 @@ class NodeSecAgg:
         shared = secagg.x25519_shared(mine.cipher_private, peer_cipher_public)
         return secagg.share_key(shared, self.federation_id, round_number, sender, recipient)
 
-    def mask(
-        self, round_number: int, version: int, delta: Mapping[str, torch.Tensor], num_tokens: int
-    ) -> dict[str, torch.Tensor]:
-        """The quantized, weighted, masked update to push instead of `delta` (the update to
-        model `version`)."""
+    def secure_params(self, round_number: int, num_tokens: int, num_tensors: int) -> SecureParams:
+        """The public quantization parameters and this node's mask seeds for its update in
+        `round_number` (the masking itself runs chunk by chunk in protos.delta_encoding)."""
         mine = self._secrets(round_number)
         state = self.client.secagg_state(round_number)
         holders = list(state.share_holders)
@@ -133,23 +134,35 @@ class NodeSecAgg:
                     shared, self.federation_id, round_number, self.node_id, peer
                 )
         params = state.params
-        weight = num_tokens / params.weight_unit
-        flat = torch.cat([t.reshape(-1).float() for t in delta.values()]).numpy() * np.float32(
-            weight
-        )
-        cfg = secagg.QuantizationConfig(clip=params.clip, scale=params.scale)
-        rounding = secagg.rounding_rng(
+        if len(params.tensor_clip) != num_tensors or len(params.tensor_scale) != num_tensors:
+            raise SecAggRefused(
+                f"the aggregator sent {len(params.tensor_scale)} tensor scales for a model of "
+                f"{num_tensors} tensors"
+            )
+        return SecureParams(
+            bits=params.ring_bits, clips=tuple(params.tensor_clip),
+            scales=tuple(params.tensor_scale), weight=num_tokens / params.weight_unit,
+            self_seed=mine.self_seed, pair_seeds=pair_seeds, node_id=self.node_id,
+        )  # fmt: skip
+
+    def masked_payload(
+        self, round_number: int, version: int, delta: dict[str, torch.Tensor], num_tokens: int,
+        path: Path, encoding: str = "masked-int32", residual: dict | None = None,
+    ) -> SpooledPayload:  # fmt: skip
+        """The quantized, weighted, masked update to push for `delta` (the update to model
+        `version`), spooled at `path`; `delta` then holds what the encoding lost."""
+        secure = self.secure_params(round_number, num_tokens, len(delta))
+        chunk_bytes = self.client.spec.chunk_bytes or DEFAULT_CHUNK_BYTES
+        manifest = encode_update_in_place(delta, encoding, path, chunk_bytes,
+                                          rounding_key=self.rounding_key(version),
+                                          residual=residual, secure=secure)  # fmt: skip
+        return SpooledPayload(manifest, path)
+
+    def rounding_key(self, version: int) -> bytes:
+        """Secret, per node and model version (see protos.secagg.rounding_key)."""
+        return secagg.rounding_key(
             self.kit.identity_key.private_bytes_raw(), self.federation_name, version
         )
-        masked = secagg.quantize(flat, cfg, rounding)
-        secagg.mask_chunk(masked, 0, mine.self_seed, pair_seeds, self.node_id)
-        out, start = {}, 0
-        values = torch.from_numpy(masked)
-        for name, tensor in delta.items():
-            n = tensor.numel()
-            out[name] = values[start : start + n].view(tensor.shape)
-            start += n
-        return out
 
     def unmask(self, round_number: int) -> None:
         mine = self._secrets(round_number)

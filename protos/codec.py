@@ -546,11 +546,14 @@ class PayloadAssembler:
 
 
 def model_stream_messages(
-    payload: EncodedPayload, first_chunk: int = 0
+    payload: EncodedPayload | SpooledPayload,
+    first_chunk: int = 0,
+    manifest: pb.TensorManifest | None = None,
 ) -> Iterator[pb.ModelStreamMessage]:
-    """A PullModel response stream: the manifest, then chunks first_chunk..end."""
+    """A PullModel response stream: the manifest (the payload's, unless one is given, e.g.
+    with an update's model_sha256), then chunks first_chunk..end."""
     chunks = payload.chunks(first_chunk)  # validates first_chunk now
-    manifest = payload.manifest.to_proto()
+    manifest = manifest if manifest is not None else payload.manifest.to_proto()
 
     def stream() -> Iterator[pb.ModelStreamMessage]:
         yield pb.ModelStreamMessage(manifest=manifest)

@@ -267,6 +267,18 @@ def _encode_secure_piece(
     return wire, decoded
 
 
+def plain_rounding_key(federation: str, organisation: str, version: int) -> bytes:
+    """Stochastic rounding of a plain update: reproducible per organisation and model version
+    (a restarted node re-encodes identically), and different between organisations."""
+    parts = [
+        b"fedpt/plain-rounding/v1",
+        federation.encode(),
+        organisation.encode(),
+        str(version).encode(),
+    ]
+    return hashlib.sha256(b"\0".join(parts)).digest()
+
+
 # ---- the streaming encoder ----------------------------------------------------------------------
 
 
@@ -354,3 +366,39 @@ def encode_update_in_place(
     if out_path.stat().st_size != offset:
         raise EncodingError(f"encoded {out_path.stat().st_size} bytes, expected {offset}")
     return Manifest(tuple(entries), chunk_bytes, offset, chunk_sha256, sha256)
+
+
+# ---- the compressed download: θ_v = θ_{v-1} + decoded(step) ------------------------------------
+
+
+def add_decoded_chunk(
+    encoding: str,
+    params: Mapping[str, torch.Tensor],
+    layout: FlatLayout,
+    byte_offset: int,
+    data: bytes,
+) -> None:
+    """params += the decoded values of one chunk of an outer-update payload, in place.
+
+    The aggregator builds its own next model with this very function from the same bytes, and
+    float32 addition is exact IEEE rounding, so every holder of θ_{v-1} gets θ_v bit for bit."""
+    start, values = decode_chunk(encoding, byte_offset, data)
+    values = values[: max(0, layout.total - start)]
+    views = _flat_views(params, layout)
+    at = 0
+    for i, lo, hi in layout.segments(start, start + values.size):
+        target = views[i][lo:hi]
+        np.add(target, values[at : at + hi - lo], out=target)
+        at += hi - lo
+
+
+def apply_update_file(
+    encoding: str, params: Mapping[str, torch.Tensor], path: Path, chunk_bytes: int
+) -> None:
+    """params += the decoded outer update spooled at `path` (see `add_decoded_chunk`)."""
+    layout = FlatLayout.of([TensorSpec(n, tuple(t.shape), "float32") for n, t in params.items()])
+    with open(path, "rb") as f:
+        offset = 0
+        while data := f.read(chunk_bytes):
+            add_decoded_chunk(encoding, params, layout, offset, data)
+            offset += len(data)

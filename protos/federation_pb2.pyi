@@ -36,7 +36,7 @@ class RoundPolicy(_message.Message):
     def __init__(self, min_nodes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class FederationSpec(_message.Message):
-    __slots__ = ("federation_id", "name", "model_config_json", "tokenizer_json", "train_config_json", "inner_steps", "round_policy", "chunk_bytes", "outer_optimizer", "total_rounds", "delta_encoding")
+    __slots__ = ("federation_id", "name", "model_config_json", "tokenizer_json", "train_config_json", "inner_steps", "round_policy", "chunk_bytes", "outer_optimizer", "total_rounds", "delta_encoding", "download_encoding")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class FederationSpec(_message.Message):
     OUTER_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DELTA_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_ENCODING_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     name: str
     model_config_json: str
@@ -59,7 +60,8 @@ class FederationSpec(_message.Message):
     outer_optimizer: str
     total_rounds: int
     delta_encoding: str
-    def __init__(self, federation_id: _Optional[str] = ..., name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., inner_steps: _Optional[int] = ..., round_policy: _Optional[_Union[RoundPolicy, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., outer_optimizer: _Optional[str] = ..., total_rounds: _Optional[int] = ..., delta_encoding: _Optional[str] = ...) -> None: ...
+    download_encoding: str
+    def __init__(self, federation_id: _Optional[str] = ..., name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., inner_steps: _Optional[int] = ..., round_policy: _Optional[_Union[RoundPolicy, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., outer_optimizer: _Optional[str] = ..., total_rounds: _Optional[int] = ..., delta_encoding: _Optional[str] = ..., download_encoding: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("node_id", "session_token", "spec")
@@ -124,18 +126,20 @@ class TensorEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class TensorManifest(_message.Message):
-    __slots__ = ("tensors", "chunk_bytes", "total_bytes", "chunk_sha256", "sha256")
+    __slots__ = ("tensors", "chunk_bytes", "total_bytes", "chunk_sha256", "sha256", "model_sha256")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SHA256_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
     chunk_bytes: int
     total_bytes: int
     chunk_sha256: _containers.RepeatedScalarFieldContainer[bytes]
     sha256: bytes
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., chunk_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[bytes]] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    model_sha256: bytes
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., chunk_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[bytes]] = ..., sha256: _Optional[bytes] = ..., model_sha256: _Optional[bytes] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "data")
@@ -146,12 +150,14 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("model_version", "first_chunk")
+    __slots__ = ("model_version", "first_chunk", "from_previous")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    FROM_PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     first_chunk: int
-    def __init__(self, model_version: _Optional[int] = ..., first_chunk: _Optional[int] = ...) -> None: ...
+    from_previous: bool
+    def __init__(self, model_version: _Optional[int] = ..., first_chunk: _Optional[int] = ..., from_previous: _Optional[bool] = ...) -> None: ...
 
 class ModelStreamMessage(_message.Message):
     __slots__ = ("manifest", "chunk")
@@ -262,16 +268,22 @@ class PeerKeys(_message.Message):
     def __init__(self, keys: _Optional[_Union[SignedKeys, _Mapping]] = ..., certificate_pem: _Optional[bytes] = ..., share_index: _Optional[int] = ...) -> None: ...
 
 class SecAggParams(_message.Message):
-    __slots__ = ("clip", "scale", "threshold", "weight_unit")
+    __slots__ = ("clip", "scale", "threshold", "weight_unit", "tensor_clip", "tensor_scale", "ring_bits")
     CLIP_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_UNIT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_CLIP_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_SCALE_FIELD_NUMBER: _ClassVar[int]
+    RING_BITS_FIELD_NUMBER: _ClassVar[int]
     clip: float
     scale: float
     threshold: int
     weight_unit: float
-    def __init__(self, clip: _Optional[float] = ..., scale: _Optional[float] = ..., threshold: _Optional[int] = ..., weight_unit: _Optional[float] = ...) -> None: ...
+    tensor_clip: _containers.RepeatedScalarFieldContainer[float]
+    tensor_scale: _containers.RepeatedScalarFieldContainer[float]
+    ring_bits: int
+    def __init__(self, clip: _Optional[float] = ..., scale: _Optional[float] = ..., threshold: _Optional[int] = ..., weight_unit: _Optional[float] = ..., tensor_clip: _Optional[_Iterable[float]] = ..., tensor_scale: _Optional[_Iterable[float]] = ..., ring_bits: _Optional[int] = ...) -> None: ...
 
 class SecAggState(_message.Message):
     __slots__ = ("round", "peers", "shares_for_me", "share_holders", "survivors", "dropped", "params")

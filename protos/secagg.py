@@ -206,13 +206,18 @@ def quantize(x: np.ndarray, cfg: QuantizationConfig, rng: np.random.Generator) -
     return q.astype(signed).view(unsigned).reshape(np.shape(x))
 
 
+def rounding_key(node_secret: bytes, federation: str, model_version: int) -> bytes:
+    """The key of `rounding_rng`, for encoders that derive one generator per chunk from it."""
+    return _hkdf(node_secret, _encode(_ROUNDING_TAG, federation, model_version))
+
+
 def rounding_rng(node_secret: bytes, federation: str, model_version: int) -> np.random.Generator:
     """The stochastic-rounding generator of one node's update to one model version: secret
     (keyed by the node's own long-term key), yet the same when a restarted node or a retried
     round trains that version again, so that such an update is reproduced exactly. Keyed by the
     federation's name, not its random id, so that a federation run again with the same
     settings and kits rounds identically (what makes runs comparable bit for bit)."""
-    seed = _hkdf(node_secret, _encode(_ROUNDING_TAG, federation, model_version))
+    seed = rounding_key(node_secret, federation, model_version)
     return np.random.default_rng(np.frombuffer(seed, dtype=np.uint32))
 
 

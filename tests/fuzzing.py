@@ -207,7 +207,7 @@ def _secagg_fingerprint(round_) -> tuple | None:
     )
     unmask = tuple(sorted((n, r.SerializeToString()) for n, r in round_.unmask_requests.items()))
     return (str(round_.stage), keys, mail, tuple(round_.shared), tuple(round_.survivors), unmask,
-            round_.threshold, round_.scale, round_.stage_deadline)  # fmt: skip
+            round_.threshold, round_.scales, round_.stage_deadline)  # fmt: skip
 
 
 def _is_spool_of(name: str, node_id: str) -> bool:

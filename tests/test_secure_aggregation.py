@@ -5,6 +5,7 @@ identity claims."""
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -81,6 +82,7 @@ def run_node(
 ) -> None:
     """Follow the tasks of one round; stop answering at `drop_at` (a stage name)."""
     sec = NodeSecAgg(client, kit, client.spec.federation_id)
+    spool = Path(tempfile.mkdtemp(prefix="fedpt-secagg-test-"))  # the node's encoded uploads
     stages = {pb.Task.SECAGG_ADVERTISE_KEYS: "advertise", pb.Task.SECAGG_SHARE_KEYS: "share",
               pb.Task.TRAIN: "input", pb.Task.SECAGG_UNMASK: "unmask"}  # fmt: skip
     give_up = time.monotonic() + 60
@@ -100,13 +102,14 @@ def run_node(
             sec.share(task.round)
         elif stage == "input":
             global_params = client.pull_model(task.model_version)
-            masked = sec.mask(
+            masked = sec.masked_payload(
                 task.round,
                 task.model_version,
                 delta_for(index, global_params),
                 num_tokens=UNIT * (index + 1),
+                path=spool / f"{index}-{task.round}.payload",
             )
-            client.push_update(task.round, task.model_version, masked, UNIT * (index + 1), 1.0)
+            client.push_payload(task.round, task.model_version, masked, UNIT * (index + 1), 1.0)
             log.append((index, "pushed", task.round))
         elif stage == "unmask":
             sec.unmask(task.round)
