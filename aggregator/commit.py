@@ -220,3 +220,7 @@ class Committer:
         keep = self.shared.config.store.keep_checkpoints
         if keep:
             self.checkpoints.prune(keep, protect={self.shared.model.version})
+        served = self.shared.model.update
+        for old in self.checkpoints.root.glob("update_v*.payload"):  # only the served one is read
+            if served is None or old != served.payload.path:
+                old.unlink(missing_ok=True)

@@ -70,6 +70,7 @@ from node.evaluation import mean_loss
 from node.local_training import cache_dir
 from node.parallel import DistEnv
 from node.shards import TokenShards, prepare_data
+from protos.delta_encoding import ENCODINGS, PLAIN_ENCODINGS
 
 EVAL_SEQ_LEN = 128
 
@@ -154,6 +155,55 @@ def score(
     return losses
 
 
+def compare_encodings(args: argparse.Namespace) -> None:
+    """One federation per encoding (same settings, seed and data); held-out perplexity of each
+    final global model, and its ratio to the first (the reference, normally fp32)."""
+    orgs = federation_orgs(args.nodes)
+    cache = (args.cache_dir or cache_dir()).resolve()
+    entries = [e.strip() for e in args.encodings.split(",") if e.strip()]
+    for entry in entries:
+        delta, _, download = entry.partition(":")
+        if delta not in ENCODINGS or (download and download not in PLAIN_ENCODINGS):
+            raise SystemExit(
+                f"--encodings: {entry!r} is not DELTA[:DOWNLOAD] of {', '.join(ENCODINGS)}"
+            )
+    with tempfile.TemporaryDirectory(prefix="fedpt-convergence-") as tmp:
+        root = empty_run_folder(args.out or Path(tmp))
+        for source in [f"builtin:{o}" for o in orgs]:
+            prepare_data(source, ByteTokenizer(), cache)
+        val = held_out_sets(orgs, cache)
+        rows, losses = [], {}
+        for entry in entries:
+            delta, _, download = entry.partition(":")
+            run = root / entry.replace(":", "-down-")
+            sim_args = ["simulate", "--nodes", str(args.nodes), "--rounds", str(args.rounds),
+                        "--inner-steps", str(args.inner_steps), "--outer", args.outer, "--preset", args.preset,
+                        "--seed", str(args.seed), "--delta-encoding", delta,
+                        "--download-encoding", download or "fp32", "--out", str(run)]  # fmt: skip
+            if args.outer_lr is not None:
+                sim_args += ["--outer-lr", str(args.outer_lr)]
+            print(f"running fedpt {' '.join(sim_args)}", flush=True)
+            seconds = run_fedpt(sim_args, root / "logs" / f"{run.name}.log", cache=cache,
+                                timeout=args.timeout, ok_codes=(0, 1))  # fmt: skip
+            model, _, _, _, committed = federated_model(run)
+            contender = Contender(entry, "", 0, seconds, model)
+            contender.losses = score(model, val, args.eval_batches, args.eval_batch_size)
+            losses[entry] = contender.mean_loss(orgs)
+            rows.append((entry, delta, download or "fp32", committed, seconds, contender))
+    reference = entries[0]
+    print()
+    print(f"{args.nodes} nodes x {args.rounds} rounds x H={args.inner_steps}, {args.outer}, preset "
+          f"{args.preset}, seed {args.seed}; held-out perplexity of the final global model")  # fmt: skip
+    table = []
+    for entry, delta, download, committed, seconds, c in rows:
+        ratio = math.exp(losses[entry] - losses[reference])
+        table.append([delta, download, str(committed), f"{seconds:.1f}",
+                      *[f"{math.exp(c.losses[o]):.3f}" for o in orgs], f"{math.exp(losses[entry]):.4f}",
+                      f"{ratio:.4f}", f"{100 * (ratio - 1):+.2f}%"])  # fmt: skip
+    print_table(["upload", "download", "rounds", "wall s", *[f"ppl {o}" for o in orgs], "mean ppl",
+                 f"/ {reference}", "diff"], table)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,8 +213,12 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=50, help="H: inner steps per round")
     parser.add_argument("--outer", choices=("fedavg", "nesterov", "adam"), default="nesterov")
     parser.add_argument("--outer-lr", type=float, default=None, help="default: the optimizer's")
-    parser.add_argument("--delta-encoding", choices=("auto", "fp32", "masked-int32"), default=None,
+    parser.add_argument("--delta-encoding", choices=("auto", *ENCODINGS), default=None,
                         help="passed to fedpt simulate (its default: auto = secure aggregation)")  # fmt: skip
+    parser.add_argument("--encodings", default=None,
+                        help="compare encodings instead: comma list of DELTA or DELTA:DOWNLOAD "
+                             "(e.g. fp32,int8,int8:int8,masked-int16); the first is the reference; "
+                             "only federated runs, same settings and seed")  # fmt: skip
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0, help="initial model (all runs), data order (train runs)")  # fmt: skip
     parser.add_argument("--eval-batches", type=int, default=32, help="held-out batches per organisation")  # fmt: skip
@@ -177,6 +231,9 @@ def main() -> None:
     if min(args.rounds, args.inner_steps, args.eval_batches, args.eval_batch_size) < 1:
         raise SystemExit("--rounds, --inner-steps and the eval sizes must be at least 1")
 
+    if args.encodings:
+        compare_encodings(args)
+        return
     orgs = federation_orgs(args.nodes)
     cache = (args.cache_dir or cache_dir()).resolve()
     steps_alone = args.rounds * args.inner_steps

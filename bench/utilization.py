@@ -73,6 +73,7 @@ from bench.common import (
 )
 from model.config import ModelConfig, preset
 from node.local_training import cache_dir
+from protos.delta_encoding import ENCODINGS
 
 PARTS = ("wait_seconds", "pull_seconds", "train_seconds", "push_seconds")
 
@@ -152,7 +153,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--preset", default="tiny", help="the model the federations train")
-    parser.add_argument("--delta-encoding", choices=("auto", "fp32", "masked-int32"), default=None,
+    parser.add_argument("--delta-encoding", choices=("auto", *ENCODINGS), default=None,
                         help="passed to fedpt simulate (its default: auto = secure aggregation)")  # fmt: skip
     parser.add_argument("--link-mbps", default="1000,10000", help="assumed links, Mbit/s, comma-separated")  # fmt: skip
     parser.add_argument("--gpu-preset", default="125m", help="the model extrapolated to")

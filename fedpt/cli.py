@@ -15,6 +15,7 @@ from pathlib import Path
 from model.config import ConfigError, ModelConfig, preset
 from model.io import CheckpointError
 from model.tokenizer import TokenizerError
+from protos.delta_encoding import ENCODINGS, PLAIN_ENCODINGS
 
 if typing.TYPE_CHECKING:
     from node.parallel import Launch
@@ -523,8 +524,11 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--nproc-per-node", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--delta-encoding", choices=("auto", "fp32", "masked-int32"), default="auto",
-                   help="auto: secure aggregation; fp32: plain deltas over mutual TLS (for comparison)")  # fmt: skip
+    p.add_argument("--delta-encoding", choices=("auto", *ENCODINGS), default="auto",
+                   help="how updates travel: auto = secure aggregation (masked-int32); plain fp32, "
+                        "bf16, int8; secure masked-int32, masked-int16, masked-int8")  # fmt: skip
+    p.add_argument("--download-encoding", choices=PLAIN_ENCODINGS, default="fp32",
+                   help="fp32: nodes pull the whole model; bf16/int8: the compressed outer update")  # fmt: skip
     p.add_argument("--out", type=Path, help="run folder (default: runs/sim-TIMESTAMP)")
     p.set_defaults(func=cmd_simulate)
 
@@ -536,7 +540,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         nodes=args.nodes, rounds=args.rounds, preset=args.preset,
         data=[d for d in (args.data or "").split(",") if d], inner_steps=args.inner_steps,
         outer=args.outer, outer_lr=args.outer_lr, min_nodes=args.min_nodes, round_timeout=args.round_timeout,
-        nproc_per_node=args.nproc_per_node, seed=args.seed, delta_encoding=args.delta_encoding, out=args.out,
+        nproc_per_node=args.nproc_per_node, seed=args.seed, delta_encoding=args.delta_encoding,
+        download_encoding=args.download_encoding, out=args.out,
     )  # fmt: skip
     return 0 if simulate(options) else 1
 

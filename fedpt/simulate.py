@@ -63,7 +63,10 @@ class SimulationOptions:
     round_timeout: float = 600.0
     nproc_per_node: int = 1
     seed: int = 0
-    delta_encoding: str = "auto"  # auto = secure aggregation (masked-int32); fp32 to compare
+    delta_encoding: str = (
+        "auto"  # auto = secure aggregation (masked-int32); see protos.delta_encoding
+    )
+    download_encoding: str = "fp32"  # fp32: whole models; bf16/int8: compressed outer updates
     out: Path | None = None
 
 
@@ -117,6 +120,7 @@ rounds = {opts.rounds}
 inner_steps = {opts.inner_steps}
 seed = {opts.seed}
 delta_encoding = "{opts.delta_encoding}"
+download_encoding = "{opts.download_encoding}"
 
 [model]
 preset = "{opts.preset}"

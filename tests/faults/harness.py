@@ -59,6 +59,8 @@ class Settings:
     round_timeout: float = 60.0
     stage_timeout: float = 60.0
     min_nodes: int = 0  # 0: every organisation
+    delta_encoding: str = "auto"  # the lossy ones carry each node's residual across rounds
+    download_encoding: str = "fp32"  # bf16/int8: nodes add compressed outer updates
 
     def aggregator_toml(self, root: Path, pki_dir: Path, port: int) -> str:
         security = f'kit = "{pki_dir / "aggregator"}"' if self.secure else "insecure = true"
@@ -74,6 +76,8 @@ name = "faults"
 rounds = {self.rounds}
 inner_steps = {self.inner_steps}
 seed = 7
+delta_encoding = "{self.delta_encoding}"
+download_encoding = "{self.download_encoding}"
 
 [model]
 preset = "tiny"

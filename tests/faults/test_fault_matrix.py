@@ -30,10 +30,14 @@ from tests.faults.harness import (
 pytestmark = pytest.mark.faults
 
 A, B, C = ORGANISATIONS
-PLAIN = Settings(secure=False, rounds=5)
+# Compressed both ways: a restarted node must re-encode its update from the residual it kept
+# on disk, and a node that lost its copy of the last model pulls the whole model, yet every
+# run ends on the same bits.
+PLAIN = Settings(secure=False, rounds=5, delta_encoding="int8", download_encoding="int8")
 # A node that loses its round keys cannot finish that round: the round fails at its deadline
 # (or a stage's) and is retried, so these are short; the rounds themselves take seconds.
-SECURE = Settings(secure=True, rounds=4, round_timeout=20.0, stage_timeout=10.0)
+SECURE = Settings(secure=True, rounds=4, round_timeout=20.0, stage_timeout=10.0,
+                  delta_encoding="masked-int16", download_encoding="int8")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
