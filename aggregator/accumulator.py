@@ -183,16 +183,15 @@ class StreamingAccumulator:
         """The running sum itself (no copy), to read chunk by chunk. Caller holds `exclusive()`."""
         return self._sum
 
-    def modular_sum(self) -> np.ndarray:
-        """A copy of the masked modular sum (to unmask without touching the running sum).
-        Caller holds `exclusive()`."""
-        return self._sum.copy()
-
-    def mean(self) -> dict[str, torch.Tensor]:
-        """Σ wᵢ·Δᵢ / Σ wᵢ as named tensors (views into one fresh buffer). Caller holds
-        `exclusive()`."""
+    def mean(self, *, in_place: bool = False) -> dict[str, torch.Tensor]:
+        """Σ wᵢ·Δᵢ / Σ wᵢ as named tensors: views into one fresh buffer, or into the sum itself
+        (`in_place`: the sum is gone). Caller holds `exclusive()`."""
         if self.total_weight <= 0:
             raise ValueError("no weight accumulated")
+        if in_place:
+            return self.as_tensors(
+                np.divide(self._sum, np.float32(self.total_weight), out=self._sum)
+            )
         return self.as_tensors(self._sum / np.float32(self.total_weight))
 
     def as_tensors(self, flat_values: np.ndarray) -> dict[str, torch.Tensor]:

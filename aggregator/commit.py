@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from aggregator.checkpoints import CheckpointStore
@@ -36,7 +35,6 @@ from aggregator.secure_aggregation import SecAggRound
 from aggregator.state import GlobalModel, RoundState, Shared
 from aggregator.store import CheckpointRow, MetricRow, RoundRow, SubmissionRow
 from protos import crash_points
-from protos.delta_encoding import FlatLayout
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,8 @@ class Committer:
                 return
             mean_delta = self._mean_delta(job)
             scale = self._update_scale(job, mean_delta)
-            new_params = self.outer.step(job.base.params, mean_delta)
+            # The new model overwrites the mean's buffer, tensor by tensor.
+            new_params = self.outer.step(job.base.params, mean_delta, out=mean_delta)
             del mean_delta
             version = job.base.version + 1
             chunk_bytes = s.config.server.chunk_bytes
@@ -130,27 +129,17 @@ class Committer:
         self._prune_checkpoints()
 
     def _mean_delta(self, job: CommitJob) -> dict[str, torch.Tensor]:
+        """The mean update, computed in the round sum's own buffer where it can be (the sum is
+        consumed: a retry rebuilds it from the spools)."""
         rs = job.round_sum
-        if job.secagg is not None:
-            if rs.needs_rebuild():  # stragglers' partial uploads leave the sum
-                rs.rebuild()
-            return self._unmasked_mean(job.secagg, rs, job.completed)
-        if self.shared.config.round.deterministic:
-            rs.rebuild(order=self._in_node_order)  # whatever the arrival order
-        elif rs.needs_rebuild():
-            rs.rebuild()
-        return rs.mean()
-
-    @staticmethod
-    def _unmasked_mean(
-        sec: SecAggRound, rs: RoundSum, completed: tuple[SubmissionRow, ...]
-    ) -> dict[str, torch.Tensor]:
-        tokens = {sub.node_id: sub.num_tokens for sub in completed}
-        acc = rs.accumulator
-        out = np.empty(acc.num_elements, dtype=np.float32)
-        with acc.exclusive():  # unmasked chunk by chunk from the running sum, never copied whole
-            sec.unmasked_mean_into(acc.raw_sum(), FlatLayout.of(acc.specs), tokens, out)
-        return acc.as_tensors(out)
+        if self.shared.config.round.deterministic and job.secagg is None:
+            rs.rebuild(order=self._in_node_order, by_commit=True)  # whatever the arrival order
+        elif rs.needs_rebuild():  # stragglers' partial uploads leave the sum; or a retry
+            rs.rebuild(by_commit=True)
+        if job.secagg is None:
+            return rs.consume_mean()
+        tokens = {sub.node_id: sub.num_tokens for sub in job.completed}
+        return rs.consume_unmasked_mean(job.secagg, tokens)
 
     @staticmethod
     def _update_scale(job: CommitJob, mean_delta: dict[str, torch.Tensor]) -> list[float] | None:

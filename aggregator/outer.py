@@ -169,15 +169,23 @@ class OuterOptimizer:
             for kind in STATE_KINDS[config.name]
         }
 
-    def step(self, params: Tensors, mean_delta: Tensors) -> dict[str, torch.Tensor]:
-        """The next global model (new fp32 tensors); the optimizer state moves one step."""
+    def step(
+        self, params: Tensors, mean_delta: Tensors, *, out: Tensors | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The next global model; the optimizer state moves one step. New fp32 tensors, or
+        written into `out`'s fp32 tensors (which may be `mean_delta`'s own: each tensor's delta
+        is used up before its result is copied over it), so that the aggregator holds no extra
+        model-sized buffer: only one tensor's worth at a time."""
         check_layout(self.shapes, params, "global model")
         check_layout(self.shapes, mean_delta, "mean delta")
         check_finite(mean_delta, "mean delta")
+        if out is not None:
+            check_layout(self.shapes, out, "output")
         # Everything is checked: nothing below refuses, so state only changes on success.
         c, lr, t = self.config, self.config.effective_lr, self.step_count + 1
-        new = _fp32_copy(params)
-        for name, p in new.items():
+        new = {}
+        for name, param in params.items():
+            p = param.detach().to(torch.float32, copy=True).contiguous()
             d = mean_delta[name].detach().float()
             if c.name == "fedavg":
                 _outer_fedavg_(p, d, lr)
@@ -186,6 +194,11 @@ class OuterOptimizer:
             else:
                 m, v = self._state["exp_avg"][name], self._state["exp_avg_sq"][name]
                 _outer_adam_(p, d, m, v, t, lr, c.beta1, c.beta2, c.eps)
+            if out is None:
+                new[name] = p
+            else:
+                new[name] = out[name].copy_(p)
+                del p
         self.step_count = t
         return new
 

@@ -22,7 +22,9 @@ import torch
 
 from aggregator.accumulator import StreamingAccumulator
 from aggregator.errors import DeadlineExceeded
+from aggregator.secure_aggregation import SecAggRound
 from protos.codec import TensorSpec
+from protos.delta_encoding import FlatLayout
 
 
 class Member(Protocol):
@@ -67,6 +69,9 @@ class RoundSum:
         self._mutex = threading.Lock()
         self.retired = False  # the round ended: nobody reads this sum any more
         self.stale = False  # a rebuild failed part-way: rebuild before reading the sum
+        # The commit turned the sum into the mean (and the new model) in place, to spare the
+        # aggregator a model-sized buffer: only the commit may rebuild it now (to retry).
+        self.consumed = False
 
     def add(self, member: Member, byte_offset: int, data: bytes) -> bool:
         """Add a chunk of `member`'s upload, already written to its spool. False: the fp32 sum
@@ -93,11 +98,20 @@ class RoundSum:
         with self._mutex:
             self._members[member] = None
 
-    def rebuild(self, order: Callable[[list[Member]], list[Member]] | None = None) -> None:
+    def rebuild(
+        self,
+        order: Callable[[list[Member]], list[Member]] | None = None,
+        *,
+        by_commit: bool = False,
+    ) -> None:
         """Recompute the sum from the spools of the members not cancelled, in `order` if given
-        (a deterministic fp32 sum), else in arrival order."""
+        (a deterministic fp32 sum), else in arrival order. A sum the commit consumed is left
+        alone unless the commit itself asks (its buffer may be becoming the next model)."""
         acc = self.accumulator
         with acc.exclusive():
+            if self.consumed and not by_commit:
+                return
+            self.consumed = False
             with self._mutex:
                 self._members = {m: None for m in self._members if not m.cancelled}
                 members = list(self._members)
@@ -110,9 +124,10 @@ class RoundSum:
             self.stale = False
 
     def needs_rebuild(self) -> bool:
-        """Whether the sum still holds bytes of cancelled uploads, or a rebuild failed."""
+        """Whether the sum still holds bytes of cancelled uploads, a rebuild failed, or a
+        commit attempt consumed it."""
         with self._mutex:
-            return self.stale or any(m.cancelled for m in self._members)
+            return self.stale or self.consumed or any(m.cancelled for m in self._members)
 
     def _add_spool(self, member: Member) -> None:
         member.flush()
@@ -129,6 +144,25 @@ class RoundSum:
         with self.accumulator.exclusive():
             return self.accumulator.mean()
 
-    def modular_sum(self) -> np.ndarray:
+    def consume_mean(self) -> dict[str, torch.Tensor]:
+        """Σ wᵢ·Δᵢ / Σ wᵢ computed in the sum's own buffer (no model-sized copy); the sum is
+        consumed: the caller may overwrite those tensors, and a retry must rebuild."""
         with self.accumulator.exclusive():
-            return self.accumulator.modular_sum()
+            self.consumed = True
+            return self.accumulator.mean(in_place=True)
+
+    def consume_unmasked_mean(
+        self, sec: SecAggRound, tokens: dict[str, int]
+    ) -> dict[str, torch.Tensor]:
+        """The unmasked, dequantized mean of a secure round, chunk by chunk; in the sum's own
+        buffer when its words are 32 bits wide (each chunk is copied before it is overwritten),
+        else in a new fp32 buffer. The sum is consumed, as in `consume_mean`."""
+        acc = self.accumulator
+        with acc.exclusive():
+            total = acc.raw_sum()
+            self.consumed = True
+            out = (
+                total.view(np.float32) if total.itemsize == 4 else np.empty(total.size, np.float32)
+            )
+            sec.unmasked_mean_into(total, FlatLayout.of(acc.specs), tokens, out)
+            return acc.as_tensors(out)

@@ -360,3 +360,25 @@ def test_load_state_refuses_mismatches_and_leaves_state_unchanged() -> None:
         with pytest.raises(OuterConfigError):
             opt.load_state(bad_tensors, bad_meta)
         assert_state_equal(opt, before)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "nesterov", "adam"])
+def test_step_into_the_mean_delta_buffer_equals_a_fresh_step(name: str) -> None:
+    # The aggregator writes the new model over the mean's buffer to save a model-sized copy.
+    g = torch.Generator().manual_seed(3)
+    params = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(7, generator=g)}
+    deltas = [
+        {k: 0.1 * torch.randn(v.shape, generator=g) for k, v in params.items()} for _ in range(3)
+    ]
+    fresh, reused = (
+        OuterOptimizer(OuterConfig(name=name), params),
+        OuterOptimizer(OuterConfig(name=name), params),
+    )
+    p_fresh, p_reused = params, params
+    for d in deltas:
+        p_fresh = fresh.step(p_fresh, d)
+        buffer = {k: v.clone() for k, v in d.items()}
+        p_reused = reused.step(p_reused, buffer, out=buffer)
+        assert all(p_reused[k].data_ptr() == buffer[k].data_ptr() for k in buffer)
+        for k in params:
+            assert torch.equal(p_fresh[k], p_reused[k])
