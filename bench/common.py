@@ -145,3 +145,25 @@ def federation_spec(run: Path, name: str = "simulation") -> dict:
     finally:
         store.close()
     return {**json.loads(spec_json), "federation_id": federation_id}
+
+
+# ---- /proc readings of a process (bench.scale and its node processes) --------------------------
+def proc_status_bytes(pid: int | str, key: str) -> int:
+    """A `kB` field of /proc/PID/status (VmRSS, VmHWM) in bytes; `pid` may be "self"."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/{pid}/status has no {key}")
+
+
+def reset_peak_rss(pid: int | str) -> None:
+    """Set VmHWM to the current VmRSS (Linux ≥ 4.0), so the next reading is this phase's peak."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def meminfo_bytes(key: str) -> int:
+    """A field of /proc/meminfo (MemTotal, MemAvailable) in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/meminfo has no {key}")
