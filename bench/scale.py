@@ -43,15 +43,16 @@ aggregator does not accept yet) is reported with the reason, and the other rows 
 Memory (M = the model's fp32 bytes; plus ~0.45 GiB per process for Python, torch and gRPC): a
 node holds the pulled model and its delta (2 M; 1 M with --free-model, which `auto` picks when
 2 M per node does not fit), the aggregator its model, the running sum and, while committing, the
-mean and the new model (planned as 4 M with fedavg, 5 M nesterov, 6 M adam; measured ~3.1-3.4 M
-beyond its base at 128 MiB with fedavg on this tree). Before starting, the bench adds these up
-and refuses (one line, exit 2) a configuration that does not fit in the memory available
-(default: MemAvailable, at most 24 GiB; --memory-gib overrides). On a 24 GiB machine:
+mean and the new model (planned as 4 M with fedavg, 5 M nesterov, 6 M adam; measured on this
+tree with fedavg: a peak of 3.0 M in all at 512 MiB, 3.1-3.4 M beyond its idle process at
+128 MiB). Before starting, the bench adds these up and refuses (one line, exit 2) a
+configuration that does not fit in the memory available (default: MemAvailable, at most 24 GiB;
+--memory-gib overrides). On a 24 GiB machine:
   350m (360M params, M = 1.44 GB) × 4 nodes: aggregator ~5.8 GiB + 4 × ~3.3 GiB (model kept) ≈
         19.6 GiB; with less than that available, `auto` frees the model (4 × ~2.0 GiB): fits.
   1b (1.10B params, M = 4.40 GB) × 2 nodes: aggregator ~16.8 GiB + 2 × ~5.2 GiB even with the
-        model freed ≈ 27.6 GiB: refused (an aggregator at the 3 M target would still need
-        ~24.5 GiB in all).
+        model freed ≈ 27.6 GiB: refused (with an aggregator at the 3 M target it would be
+        ~23.5 GiB, still more than a shared 24 GiB machine has available).
   --params-mib 512 (135M params) × 2 nodes: ~6 GiB: fits (the Flower comparison round).
 Disk: the aggregator spools every upload and keeps checkpoints; the nodes spool their update.
 
