@@ -24,8 +24,9 @@ from model.tokenizer import ByteTokenizer, load_tokenizer
 from protos import federation_pb2 as pb
 
 # Fields of the spec a restarted aggregator may not change under a running federation.
+# chunk_bytes: spooled uploads are checked on restart by the root over their chunks' sha256s.
 FROZEN_SPEC_FIELDS = ("model_config_json", "tokenizer_json", "outer_optimizer", "delta_encoding",
-                      "download_encoding")  # fmt: skip
+                      "download_encoding", "chunk_bytes")  # fmt: skip
 
 
 def build_spec(

@@ -17,7 +17,6 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from aggregator.checkpoints import sha256_file
 from aggregator.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -33,7 +32,7 @@ from aggregator.store import RoundRow, SubmissionRow
 from aggregator.uploads import UploadSession
 from protos import crash_points
 from protos import federation_pb2 as pb
-from protos.codec import CodecError, Manifest
+from protos.codec import CodecError, Manifest, payload_digest_of_file
 
 MAX_TOKENS_PER_UPDATE = 10**15
 
@@ -69,7 +68,8 @@ class UploadIntake:
             part.unlink()
         for sub in submissions:
             path = Path(sub.path)
-            if not path.is_file() or sha256_file(path) != sub.sha256:
+            chunk_bytes = self.shared.config.server.chunk_bytes
+            if not path.is_file() or payload_digest_of_file(path, chunk_bytes).hex() != sub.sha256:
                 raise RecoveryError(f"upload {path} recorded for round "
                                     f"{self.shared.round.number} is missing or corrupt")  # fmt: skip
             member = SpooledUpload(sub.node_id, path, float(sub.num_tokens), path.stat().st_size)

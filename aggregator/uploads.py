@@ -16,7 +16,6 @@ one file handle).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import threading
@@ -54,7 +53,6 @@ class UploadSession:
         self.delta_path = spool_dir / f"{name}.delta"
         self._spool: BinaryIO | None = None  # opened by the first chunk, in the upload's thread
         self._file_lock = threading.Lock()
-        self._sha = hashlib.sha256()
         self.added_bytes = 0  # bytes of the spool in the round's sum
         self.streaming = False  # a PushUpdate stream is feeding (or completing) this session
         self.cancelled = False  # adds nothing more
@@ -84,15 +82,14 @@ class UploadSession:
                 self._spool.write(data)
             except OSError as e:  # the caller discards this session: nothing half-written stays
                 raise _storage_failed(e) from e
-        self._sha.update(data)
         if not self.round_sum.add(self, start, data):
             raise InvalidArgument(f"chunk {index} pushes the weighted sum beyond the float32 range")
 
     def finish(self) -> None:
         """Make the complete upload durable (fsync, rename to `.delta`); the caller then records
         it and counts its weight."""
-        if self._sha.digest() != self.manifest.sha256:
-            raise InvalidArgument("the upload's bytes do not match the manifest's sha256")
+        if not self.verifier.complete:  # every chunk matched its sha256, and those the root
+            raise InvalidArgument("the upload is incomplete")
         with self._file_lock:
             self._check_live()
             try:

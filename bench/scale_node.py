@@ -2,7 +2,7 @@
 
     join ─► long-poll GetTask ─► secure-aggregation stages (advertise / share / unmask)
          ─► TRAIN: pull θ_global, draw a random fp32 Δ of the model's shapes (N(0, 1) · 1e-3),
-            encode it into a spool file (protos.delta_encoding.encode_update_in_place) and push
+            encode it (protos.delta_encoding.encode_update: from memory for fp32, else a spool file) and push
             it (AggregatorClient.push_payload), like Participant._encode / _push
          ─► long-poll until the next version is served ─► ... until STOP
 
@@ -43,8 +43,7 @@ from node.client import AggregatorClient
 from node.secure_aggregation import NodeSecAgg
 from protos import federation_pb2 as pb
 from protos import pki
-from protos.codec import SpooledPayload
-from protos.delta_encoding import encode_update_in_place, is_secure, plain_rounding_key
+from protos.delta_encoding import encode_update, is_secure, plain_rounding_key
 
 SECAGG_STAGES = (pb.Task.SECAGG_ADVERTISE_KEYS, pb.Task.SECAGG_SHARE_KEYS, pb.Task.SECAGG_UNMASK)
 DELTA_STD = 1e-3
@@ -227,8 +226,8 @@ class SyntheticNode:
         else:
             key = plain_rounding_key(self.spec.name, self.client.organisation, task.model_version)
         path = Path(self.args.spool) / "update.payload"
-        manifest = encode_update_in_place(delta, encoding, path, self.spec.chunk_bytes,
-                                          rounding_key=key, secure=secure)  # fmt: skip
+        payload = encode_update(delta, encoding, path, self.spec.chunk_bytes,
+                                rounding_key=key, secure=secure)  # fmt: skip
         encoded_at = time.monotonic()
         phase_ends("encode", kept)
         first_chunk = [0.0]
@@ -237,9 +236,8 @@ class SyntheticNode:
             if chunks >= 1 and not first_chunk[0]:
                 first_chunk[0] = time.monotonic()
 
-        reply = self.client.push_payload(task.round, task.model_version,
-                                         SpooledPayload(manifest, path), self.tokens, TRAIN_LOSS,
-                                         progress=progress)  # fmt: skip
+        reply = self.client.push_payload(task.round, task.model_version, payload, self.tokens,
+                                         TRAIN_LOSS, progress=progress)  # fmt: skip
         pushed_at = time.monotonic()
         if not reply.complete:
             raise RuntimeError(f"round {task.round}: the upload did not complete")
@@ -249,7 +247,7 @@ class SyntheticNode:
         return RoundRecord(
             round=task.round, version=task.model_version, train_at=train_at, pulled_at=pulled_at,
             drawn_at=drawn_at, encoded_at=encoded_at, first_chunk_at=first_chunk[0] or pushed_at,
-            pushed_at=pushed_at, committed_seen_at=0.0, upload_bytes=manifest.total_bytes,
+            pushed_at=pushed_at, committed_seen_at=0.0, upload_bytes=payload.manifest.total_bytes,
             download_bytes=self.stub.pulled, compressed_download=compressed, params=params,
             model_bytes=4 * params,
             idle_rss=self.idle_rss, round_start_rss=round_start_rss, phase_peaks=peaks,

@@ -7,7 +7,6 @@ model weights and deltas cross the wire (see tests/test_no_data_on_wire.py later
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -169,7 +168,6 @@ class AggregatorClient:
         specs = specs_of(held)
         layout = FlatLayout.of(specs)
         verifier: ChunkVerifier | None = None
-        whole = hashlib.sha256()
         model_sha256 = b""
         for attempt in range(1, self.attempts + 1):
             first = verifier.next_index if verifier else 0
@@ -196,7 +194,6 @@ class AggregatorClient:
                 for message in messages:
                     chunk = message.chunk
                     verifier.verify(chunk.index, chunk.data)
-                    whole.update(chunk.data)
                     start, _ = manifest.chunk_span(chunk.index)
                     add_decoded_chunk(encoding, held, layout, start, chunk.data)
                 if verifier.complete:
@@ -206,7 +203,7 @@ class AggregatorClient:
                     f"pull of update to version {version} broke ({breaks[0].code().name}); resuming"
                 )
             time.sleep(min(0.2 * 2**attempt, 5.0))
-        if verifier is None or not verifier.complete or whole.digest() != verifier.manifest.sha256:
+        if verifier is None or not verifier.complete:  # chunks checked, and their root
             return None
         if (
             encode(

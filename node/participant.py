@@ -39,8 +39,8 @@ from node.secure_aggregation import NodeSecAgg, SecAggRefused
 from node.trainer import Trainer
 from protos import crash_points, pki
 from protos import federation_pb2 as pb
-from protos.codec import SpooledPayload, TensorSpec, specs_of
-from protos.delta_encoding import encode_update_in_place, is_secure, plain_rounding_key
+from protos.codec import EncodedPayload, SpooledPayload, TensorSpec, specs_of
+from protos.delta_encoding import encode_update, is_secure, plain_rounding_key
 
 SECAGG_STAGES = (pb.Task.SECAGG_ADVERTISE_KEYS, pb.Task.SECAGG_SHARE_KEYS, pb.Task.SECAGG_UNMASK)
 RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -484,7 +484,9 @@ class Participant:
             return False
         return True
 
-    def _encode(self, round_number: int, version: int, delta: dict, tokens: int) -> SpooledPayload:
+    def _encode(
+        self, round_number: int, version: int, delta: dict, tokens: int
+    ) -> EncodedPayload | SpooledPayload:
         """Encode Δ plus the residual carried from this node's last update into a spool file,
         chunk by chunk; `delta`'s memory becomes the new residual, kept for the next update
         (in the round state on disk, so it survives a restart). Under secure aggregation only
@@ -498,14 +500,14 @@ class Participant:
             key = self.secagg.rounding_key(version)
         else:
             key = plain_rounding_key(self.spec.name, self.cfg.organisation_name, version)
-        path = self.work_dir / "uploads" / "update.payload"
-        manifest = encode_update_in_place(
-            delta, encoding, path, self.spec.chunk_bytes, rounding_key=key,
-            residual=self._residual_before(version), secure=secure,
+        residual = self._residual_before(version) if encoding != "fp32" else None
+        payload = encode_update(
+            delta, encoding, self.work_dir / "uploads" / "update.payload", self.spec.chunk_bytes,
+            rounding_key=key, residual=residual, secure=secure,
         )  # fmt: skip
         if encoding != "fp32":
             self._keep_residual(version, delta)
-        return SpooledPayload(manifest, path)
+        return payload
 
     def _residual_before(self, version: int) -> dict | None:
         """The residual left by this node's newest update to a version before `version` (a

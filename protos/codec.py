@@ -2,8 +2,9 @@
 
 Payload layout: the tensors' raw little-endian bytes, end to end in manifest order, cut into
 chunks of `chunk_bytes` (the last may be shorter). The manifest carries every chunk's sha256
-and the whole payload's sha256, so a receiver checks each chunk on arrival, before using it,
-and a broken transfer resumes from a chunk index.
+and the payload's sha256 (the root over the chunk sha256s, `payload_digest`), so a receiver
+checks each chunk on arrival, before using it, hashing every byte once, and a broken transfer
+resumes from a chunk index.
 
 Sender:   payload = encode(state); for msg in model_stream_messages(payload, first_chunk): ...
 Receiver: assembler = receive_model(stream, assembler, expected=specs); assembler.tensors()
@@ -269,6 +270,25 @@ def _check_no_split_elements(entries: Sequence[ManifestEntry], chunk_bytes: int)
         )
 
 
+_ROOT_TAG = b"fedpt/payload-root/v1"
+
+
+def payload_digest(chunk_sha256: Sequence[bytes]) -> bytes:
+    """The payload's identity: sha256 over its chunks' sha256s (a one-level hash tree). It
+    commits to every byte as a whole-payload hash would, but costs no second pass over the
+    data: whoever checks each chunk and this root has checked the payload."""
+    return hashlib.sha256(_ROOT_TAG + b"".join(chunk_sha256)).digest()
+
+
+def payload_digest_of_file(path: Path, chunk_bytes: int) -> bytes:
+    """`payload_digest` of a payload stored in a file, read in chunks of `chunk_bytes`."""
+    digests = []
+    with open(path, "rb") as f:
+        while data := f.read(chunk_bytes):
+            digests.append(hashlib.sha256(data).digest())
+    return payload_digest(digests)
+
+
 def _check_digests(manifest: Manifest) -> None:
     expected_count = manifest.num_chunks
     if len(manifest.chunk_sha256) != expected_count:
@@ -282,6 +302,8 @@ def _check_digests(manifest: Manifest) -> None:
             raise CodecError(f"chunk {index}'s sha256 is {len(digest)} bytes, expected 32")
     if len(manifest.sha256) != _SHA256_BYTES:
         raise CodecError(f"payload sha256 is {len(manifest.sha256)} bytes, expected 32")
+    if manifest.sha256 != payload_digest(manifest.chunk_sha256):
+        raise CodecError("the payload sha256 is not the root of its chunks' sha256s")
 
 
 def _check_expected(actual: Sequence[TensorSpec], expected: Sequence[TensorSpec]) -> None:
@@ -360,16 +382,14 @@ def _lay_out(tensors: Mapping[str, torch.Tensor]) -> tuple[list[ManifestEntry], 
 def _hash_chunks(
     flat: _FlatBytes, total_bytes: int, chunk_bytes: int
 ) -> tuple[tuple[bytes, ...], bytes]:
-    """One pass over the tensors' memory: every chunk's sha256 and the whole payload's."""
-    whole = hashlib.sha256()
+    """One pass over the tensors' memory: every chunk's sha256, and their root."""
     digests = []
     for start in range(0, total_bytes, chunk_bytes):
         chunk_hash = hashlib.sha256()
         for segment in flat.segments(start, min(start + chunk_bytes, total_bytes)):
             chunk_hash.update(segment)
-            whole.update(segment)
         digests.append(chunk_hash.digest())
-    return tuple(digests), whole.digest()
+    return tuple(digests), payload_digest(digests)
 
 
 class EncodedPayload:
@@ -492,9 +512,6 @@ class PayloadAssembler:
         # A torch allocation is well aligned for every dtype, unlike an arbitrary bytearray.
         self._buffer = torch.empty(manifest.total_bytes, dtype=torch.uint8)
         self._buffer_np = self._buffer.numpy()
-        # Chunks arrive in order, so the whole-payload hash grows with them: no second pass.
-        self._whole = hashlib.sha256()
-        self._whole_checked = False
 
     @property
     def next_index(self) -> int:
@@ -512,10 +529,10 @@ class PayloadAssembler:
         self._verifier.verify(index, data)
         start, end = self.manifest.chunk_span(index)
         self._buffer_np[start:end] = np.frombuffer(data, dtype=np.uint8)
-        self._whole.update(data)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The decoded tensors, once complete and the whole payload's sha256 matches.
+        """The decoded tensors, once complete (every chunk matched its sha256, and the
+        manifest's root matched the chunk sha256s when it was parsed).
 
         Tensors are views of this assembler's buffer where alignment allows (copies otherwise),
         so calling this twice returns tensors that share memory.
@@ -525,14 +542,7 @@ class PayloadAssembler:
                 f"payload is incomplete: {self.next_index} of "
                 f"{self.manifest.num_chunks} chunks received"
             )
-        self._check_whole_sha256()
         return {entry.name: self._tensor(entry) for entry in self.manifest.entries}
-
-    def _check_whole_sha256(self) -> None:
-        if not self._whole_checked:
-            if self._whole.digest() != self.manifest.sha256:
-                raise CodecError("payload failed its whole-payload sha256 check")
-            self._whole_checked = True
 
     def _tensor(self, entry: ManifestEntry) -> torch.Tensor:
         dtype = DTYPES[entry.dtype]

@@ -34,7 +34,15 @@ import numpy as np
 import torch
 
 from protos import secagg
-from protos.codec import Manifest, ManifestEntry, TensorSpec
+from protos.codec import (
+    EncodedPayload,
+    Manifest,
+    ManifestEntry,
+    SpooledPayload,
+    TensorSpec,
+    encode,
+    payload_digest,
+)
 
 PLAIN_ENCODINGS = ("fp32", "bf16", "int8")
 RING_BITS = {"masked-int32": 32, "masked-int16": 16, "masked-int8": 8}
@@ -283,14 +291,13 @@ def plain_rounding_key(federation: str, organisation: str, version: int) -> byte
 
 
 class _ChunkHasher:
-    """sha256 of every `chunk_bytes` chunk and of the whole payload, fed in arbitrary pieces."""
+    """sha256 of every `chunk_bytes` chunk and their root, fed in arbitrary pieces."""
 
     def __init__(self, chunk_bytes: int) -> None:
-        self.chunk_bytes, self.whole, self.digests = chunk_bytes, hashlib.sha256(), []
+        self.chunk_bytes, self.digests = chunk_bytes, []
         self._chunk, self._filled = hashlib.sha256(), 0
 
     def update(self, data: memoryview) -> None:
-        self.whole.update(data)
         while len(data):
             take = min(len(data), self.chunk_bytes - self._filled)
             self._chunk.update(data[:take])
@@ -303,7 +310,27 @@ class _ChunkHasher:
     def finish(self) -> tuple[tuple[bytes, ...], bytes]:
         if self._filled:
             self.digests.append(self._chunk.digest())
-        return tuple(self.digests), self.whole.digest()
+        return tuple(self.digests), payload_digest(self.digests)
+
+
+def encode_update(
+    delta: Mapping[str, torch.Tensor],
+    encoding: str,
+    out_path: Path,
+    chunk_bytes: int,
+    *,
+    rounding_key: bytes,
+    residual: Mapping[str, torch.Tensor] | None = None,
+    secure: SecureParams | None = None,
+) -> EncodedPayload | SpooledPayload:
+    """The payload to push: fp32 without a residual travels straight from the delta's memory
+    (nothing is lost, nothing to write down); every other case is encoded into `out_path` by
+    `encode_update_in_place`."""
+    if encoding == "fp32" and residual is None and secure is None:
+        return encode(delta, chunk_bytes)
+    manifest = encode_update_in_place(delta, encoding, out_path, chunk_bytes,
+                                      rounding_key=rounding_key, residual=residual, secure=secure)  # fmt: skip
+    return SpooledPayload(manifest, out_path)
 
 
 def encode_update_in_place(

@@ -25,6 +25,7 @@ from protos.codec import (
     TensorSpec,
     encode,
     model_stream_messages,
+    payload_digest,
     receive_model,
     specs_of,
     update_messages,
@@ -99,8 +100,9 @@ def test_payload_is_raw_bytes_end_to_end_with_matching_hashes() -> None:
     chunks = [data for _, data in payload.chunks()]
     assert b"".join(chunks) == expected
     manifest = payload.manifest
-    assert manifest.sha256 == hashlib.sha256(expected).digest()
     assert manifest.chunk_sha256 == tuple(hashlib.sha256(c).digest() for c in chunks)
+    root = b"fedpt/payload-root/v1" + b"".join(manifest.chunk_sha256)
+    assert manifest.sha256 == hashlib.sha256(root).digest()
     assert [manifest.chunk_span(i) for i in range(2)] == [(0, 10), (10, 20)]
     assert manifest.specs() == specs_of(tensors)
     assert [e.offset for e in manifest.entries] == [0, 60, 74, 98, 100, 100, 100, 148, 160]
@@ -126,7 +128,7 @@ def test_chunk_size_edges(numel: int, chunk_bytes: int, chunk_sizes: list[int]) 
 def test_empty_state_dict_round_trips() -> None:
     payload = encode({})
     assert payload.manifest.num_chunks == 0
-    assert payload.manifest.sha256 == hashlib.sha256(b"").digest()
+    assert payload.manifest.sha256 == hashlib.sha256(b"fedpt/payload-root/v1").digest()
     assembler = receive_model(model_stream_messages(payload))
     assert assembler.complete
     assert assembler.tensors() == {}
@@ -327,16 +329,17 @@ def test_chunk_verifier_starts_at_first_chunk(small_payload) -> None:
         ChunkVerifier(small_payload.manifest, first_chunk=8)
 
 
-def test_whole_payload_sha_mismatch_is_caught_at_the_end(small_payload) -> None:
-    # Every chunk hash is right, only the overall digest is wrong.
+def test_payload_sha_that_is_not_the_root_of_the_chunks_is_refused(small_payload) -> None:
+    # Every chunk hash is right, only the payload's digest is wrong: refused at the manifest,
+    # before any chunk is taken.
     crafted = small_payload.manifest.to_proto()
     crafted.sha256 = hashlib.sha256(b"something else").digest()
-    assembler = PayloadAssembler(Manifest.from_proto(crafted))
-    for index, data in small_payload.chunks():
-        assembler.add(index, data)
-    assert assembler.complete
-    with pytest.raises(CodecError, match="whole-payload sha256"):
-        assembler.tensors()
+    with pytest.raises(CodecError, match="root of its chunks"):
+        Manifest.from_proto(crafted)
+    crafted = small_payload.manifest.to_proto()
+    crafted.chunk_sha256[0] = hashlib.sha256(b"another chunk").digest()  # root no longer fits
+    with pytest.raises(CodecError, match="root of its chunks"):
+        Manifest.from_proto(crafted)
 
 
 def test_tensors_before_complete_is_an_error(small_payload) -> None:
@@ -512,14 +515,12 @@ def test_encode_and_chunks_never_hold_the_whole_payload() -> None:
     tracemalloc.start()
     try:
         payload = encode({"big": tensor}, chunk_bytes=1 << 20)
-        hasher = hashlib.sha256()
-        for _, data in payload.chunks():
-            hasher.update(data)
+        digests = [hashlib.sha256(data).digest() for _, data in payload.chunks()]
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert payload.manifest.num_chunks == 64
-    assert hasher.digest() == payload.manifest.sha256
+    assert payload_digest(digests) == payload.manifest.sha256
     assert peak < 4 << 20, f"peak {peak / 2**20:.1f} MiB: encode copied more than a chunk"
 
 

@@ -47,7 +47,7 @@ def test_plain_update_decodes_to_delta_minus_the_kept_residual(
     decoded = decode_file(encoding, tmp_path / "u", x.size)
     np.testing.assert_allclose(decoded + flat(delta), x, rtol=0, atol=1e-9)  # delta is now r'
     if encoding == "fp32":
-        assert not flat(delta).any()
+        assert not flat(delta).any()  # nothing lost: the residual is zero
     else:
         assert flat(delta).any() and np.abs(flat(delta)).max() < 1e-4
     # The spooled file verifies chunk by chunk against its manifest.
