@@ -525,9 +525,9 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc-per-node", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--delta-encoding", choices=("auto", *ENCODINGS), default="auto",
-                   help="how updates travel: auto = secure aggregation (masked-int32); plain fp32, "
+                   help="how updates travel: auto = secure aggregation (masked-int16); plain fp32, "
                         "bf16, int8; secure masked-int32, masked-int16, masked-int8")  # fmt: skip
-    p.add_argument("--download-encoding", choices=PLAIN_ENCODINGS, default="fp32",
+    p.add_argument("--download-encoding", choices=PLAIN_ENCODINGS, default="int8",
                    help="fp32: nodes pull the whole model; bf16/int8: the compressed outer update")  # fmt: skip
     p.add_argument("--out", type=Path, help="run folder (default: runs/sim-TIMESTAMP)")
     p.set_defaults(func=cmd_simulate)

@@ -63,10 +63,8 @@ class SimulationOptions:
     round_timeout: float = 600.0
     nproc_per_node: int = 1
     seed: int = 0
-    delta_encoding: str = (
-        "auto"  # auto = secure aggregation (masked-int32); see protos.delta_encoding
-    )
-    download_encoding: str = "fp32"  # fp32: whole models; bf16/int8: compressed outer updates
+    delta_encoding: str = "auto"  # auto = secure aggregation (masked-int16); protos.delta_encoding
+    download_encoding: str = "int8"  # int8/bf16: compressed outer updates; fp32: whole models
     out: Path | None = None
 
 

@@ -70,6 +70,7 @@ from node.client import SESSION_METADATA, AggregatorClient
 from protos import federation_pb2 as pb
 from protos import pki, secagg
 from protos.codec import DTYPES, encode
+from protos.delta_encoding import is_secure
 
 MODEL = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=32)
 CHUNK = 4096  # the model's upload spans ~20 chunks: a fuzzed stream can never complete one
@@ -1154,7 +1155,14 @@ def _start(config: AggregatorConfig) -> tuple[RunningAggregator, list[str]]:
 def _base_config(state_dir: Path, name: str, **server) -> AggregatorConfig:
     return AggregatorConfig(
         server=ServerConfig(port=0, chunk_bytes=CHUNK, long_poll_seconds=LONG_POLL, **server),
-        federation=FederationConfig(name=name, rounds=0, inner_steps=1),
+        # The exact encodings: the fuzzer's well-formed uploads are fp32 or uint32 words.
+        federation=FederationConfig(
+            name=name,
+            rounds=0,
+            inner_steps=1,
+            delta_encoding="fp32" if server.get("insecure") else "masked-int32",
+            download_encoding="fp32",
+        ),
         model=MODEL,
         train={"micro_batch_size": 2, "seq_len": 16},
         # The round starts once every joined node polls, and nothing times out while fuzzing.
@@ -1187,7 +1195,7 @@ def _corpus(
     def bound(fn):
         return lambda *args: fn(federation_id, *args)
 
-    return Corpus(c.config.delta_encoding == "masked-int32", r.number, r.base_version,
+    return Corpus(is_secure(c.config.delta_encoding), r.number, r.base_version,
                   c.payload.manifest.num_chunks, participant, node_ids, u1, survivors, dropped,
                   join_organisation, keys, _payloads(agg), bound(sign), bound(sign_other))  # fmt: skip
 

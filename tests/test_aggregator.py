@@ -35,7 +35,10 @@ CHUNK = 16 << 10  # small chunks: the test model spans many of them
 def make_config(tmp_path: Path, database_url: str | None = None, **sections) -> AggregatorConfig:
     base = AggregatorConfig(
         server=ServerConfig(port=0, chunk_bytes=CHUNK, long_poll_seconds=2.0, insecure=True),
-        federation=FederationConfig(name="test", rounds=0, inner_steps=1),
+        # fp32 both ways: these tests recompute the committed model exactly.
+        federation=FederationConfig(
+            name="test", rounds=0, inner_steps=1, delta_encoding="fp32", download_encoding="fp32"
+        ),
         model=MODEL,
         round=RoundConfig(min_nodes=2, timeout_seconds=30.0, start_grace_seconds=0.2),
         outer=OuterConfig(name="fedavg"),

@@ -91,7 +91,14 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("federation")
     config = AggregatorConfig(
         server=ServerConfig(port=0, long_poll_seconds=1.0, insecure=True),
-        federation=FederationConfig(name="fed-test", rounds=ROUNDS, inner_steps=H),
+        # fp32 both ways: the committed models are recomputed from the nodes' saved deltas.
+        federation=FederationConfig(
+            name="fed-test",
+            rounds=ROUNDS,
+            inner_steps=H,
+            delta_encoding="fp32",
+            download_encoding="fp32",
+        ),
         model=MODEL,
         train={"micro_batch_size": 4, "seq_len": 32, "warmup_steps": 2},
         round=RoundConfig(min_nodes=2, timeout_seconds=120.0, start_grace_seconds=0.5),

@@ -55,7 +55,13 @@ def kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pki.StartupKit]:
 def start(tmp_path: Path, kits: dict, *, round_timeout: float = 5.0) -> RunningAggregator:
     config = AggregatorConfig(
         server=ServerConfig(port=0, long_poll_seconds=0.5, kit=str(kits["aggregator"].directory)),
-        federation=FederationConfig(name="secure", rounds=1, inner_steps=INNER_STEPS),
+        federation=FederationConfig(
+            name="secure",
+            rounds=1,
+            inner_steps=INNER_STEPS,
+            delta_encoding="masked-int32",
+            download_encoding="fp32",
+        ),
         model=MODEL,
         train=TRAIN,
         round=RoundConfig(min_nodes=2, timeout_seconds=round_timeout, start_grace_seconds=0.3),

@@ -60,7 +60,7 @@ class Settings:
     stage_timeout: float = 60.0
     min_nodes: int = 0  # 0: every organisation
     delta_encoding: str = "auto"  # the lossy ones carry each node's residual across rounds
-    download_encoding: str = "fp32"  # bf16/int8: nodes add compressed outer updates
+    download_encoding: str = "int8"  # bf16/int8: nodes add compressed outer updates
 
     def aggregator_toml(self, root: Path, pki_dir: Path, port: int) -> str:
         security = f'kit = "{pki_dir / "aggregator"}"' if self.secure else "insecure = true"
