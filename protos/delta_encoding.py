@@ -51,7 +51,7 @@ ENCODINGS = PLAIN_ENCODINGS + tuple(RING_BITS)
 INT8_BLOCK_VALUES = 252  # values per int8 block: with its 4-byte scale a block is 256 bytes
 INT8_BLOCK_BYTES = 4 + INT8_BLOCK_VALUES
 INT8_TENSOR = "int8_blocks"
-PIECE_ELEMENTS = INT8_BLOCK_VALUES * 4096  # ~1M values (4 MB of fp32) per encoding step
+PIECE_ELEMENTS = INT8_BLOCK_VALUES * 1024  # ~258K values (1 MB of fp32) per encoding step
 _WIRE_DTYPE = {"fp32": "float32", "bf16": "bfloat16"} | {
     name: f"uint{bits}" for name, bits in RING_BITS.items()
 }
