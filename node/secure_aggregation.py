@@ -14,14 +14,10 @@ both for the same node, which would unmask that node alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import torch
 
 from protos import federation_pb2 as pb
 from protos import pki, secagg
-from protos.codec import DEFAULT_CHUNK_BYTES, SpooledPayload
-from protos.delta_encoding import SecureParams, encode_update_in_place
+from protos.delta_encoding import SecureParams
 
 
 class SecAggRefused(RuntimeError):
@@ -144,19 +140,6 @@ class NodeSecAgg:
             scales=tuple(params.tensor_scale), weight=num_tokens / params.weight_unit,
             self_seed=mine.self_seed, pair_seeds=pair_seeds, node_id=self.node_id,
         )  # fmt: skip
-
-    def masked_payload(
-        self, round_number: int, version: int, delta: dict[str, torch.Tensor], num_tokens: int,
-        path: Path, encoding: str = "masked-int32", residual: dict | None = None,
-    ) -> SpooledPayload:  # fmt: skip
-        """The quantized, weighted, masked update to push for `delta` (the update to model
-        `version`), spooled at `path`; `delta` then holds what the encoding lost."""
-        secure = self.secure_params(round_number, num_tokens, len(delta))
-        chunk_bytes = self.client.spec.chunk_bytes or DEFAULT_CHUNK_BYTES
-        manifest = encode_update_in_place(delta, encoding, path, chunk_bytes,
-                                          rounding_key=self.rounding_key(version),
-                                          residual=residual, secure=secure)  # fmt: skip
-        return SpooledPayload(manifest, path)
 
     def rounding_key(self, version: int) -> bytes:
         """Secret, per node and model version (see protos.secagg.rounding_key)."""

@@ -24,6 +24,7 @@ from protos import federation_pb2 as pb
 from protos import pki
 from protos.codec import SpooledPayload, encode
 from tests.test_aggregator import join, make_config, train_tasks, wait_for_version
+from tests.test_secure_aggregation import masked_payload
 
 WEIGHTS = (3000, 1000)
 
@@ -138,8 +139,8 @@ def test_secure_ring_commits_the_mean_of_what_the_nodes_sent(
                 delta = random_delta(g, 10 + i)
                 before = {k: v.clone() for k, v in delta.items()}
                 tokens = int(unit * weights[i])
-                payload = sec.masked_payload(task.round, task.model_version, delta, tokens,
-                                             tmp_path / f"n{i}", encoding)  # fmt: skip
+                payload = masked_payload(sec, task.round, task.model_version, delta, tokens,
+                                         tmp_path / f"n{i}", encoding)  # fmt: skip
                 sent[i] = decoded_update(before, delta)
                 client.push_payload(task.round, task.model_version, payload, tokens, 1.0)
 

@@ -30,6 +30,8 @@ from node.client import AggregatorClient
 from node.secure_aggregation import NodeSecAgg
 from protos import federation_pb2 as pb
 from protos import pki, secagg
+from protos.codec import SpooledPayload
+from protos.delta_encoding import encode_update_in_place
 
 MODEL = ModelConfig(dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=16)
 N, THRESHOLD = 5, 3
@@ -83,6 +85,18 @@ def delta_for(i: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in like.items()}
 
 
+def masked_payload(
+    sec: NodeSecAgg, round_number: int, version: int, delta: dict, num_tokens: int, path: Path,
+    encoding: str = "masked-int32",
+) -> SpooledPayload:  # fmt: skip
+    """What a participant pushes under secure aggregation (node/participant.py `_encode`): the
+    quantized, weighted, masked update spooled at `path`; `delta` then holds the residual."""
+    secure = sec.secure_params(round_number, num_tokens, len(delta))
+    manifest = encode_update_in_place(delta, encoding, path, sec.client.spec.chunk_bytes,
+                                      rounding_key=sec.rounding_key(version), secure=secure)  # fmt: skip
+    return SpooledPayload(manifest, path)
+
+
 def run_node(
     client: AggregatorClient, kit: pki.StartupKit, index: int, drop_at: str | None, log: list
 ) -> None:
@@ -108,7 +122,8 @@ def run_node(
             sec.share(task.round)
         elif stage == "input":
             global_params = client.pull_model(task.model_version)
-            masked = sec.masked_payload(
+            masked = masked_payload(
+                sec,
                 task.round,
                 task.model_version,
                 delta_for(index, global_params),
