@@ -35,6 +35,7 @@ import torch
 
 from protos import secagg
 from protos.codec import (
+    DTYPES,
     EncodedPayload,
     Manifest,
     ManifestEntry,
@@ -85,9 +86,7 @@ def wire_itemsize(encoding: str) -> int:
     check_encoding(encoding)
     if encoding == "int8":
         return 1
-    return {"float32": 4, "bfloat16": 2, "uint32": 4, "uint16": 2, "uint8": 1}[
-        _WIRE_DTYPE[encoding]
-    ]
+    return DTYPES[_WIRE_DTYPE[encoding]].itemsize
 
 
 def int8_blocks(num_elements: int) -> int:
@@ -169,10 +168,22 @@ def _gather(views: list[np.ndarray], layout: FlatLayout, start: int, stop: int) 
     return out
 
 
-def _scatter(views: list[np.ndarray], layout: FlatLayout, start: int, values: np.ndarray) -> None:
+def _scatter(
+    views: list[np.ndarray],
+    layout: FlatLayout,
+    start: int,
+    values: np.ndarray,
+    *,
+    add: bool = False,
+) -> None:
+    """Write (or, with `add`, add) flat `values` from element `start` into the tensors."""
     at = 0
     for i, lo, hi in layout.segments(start, start + values.size):
-        views[i][lo:hi] = values[at : at + hi - lo]
+        target, part = views[i][lo:hi], values[at : at + hi - lo]
+        if add:
+            np.add(target, part, out=target)
+        else:
+            target[...] = part
         at += hi - lo
 
 
@@ -411,12 +422,7 @@ def add_decoded_chunk(
     float32 addition is exact IEEE rounding, so every holder of θ_{v-1} gets θ_v bit for bit."""
     start, values = decode_chunk(encoding, byte_offset, data)
     values = values[: max(0, layout.total - start)]
-    views = _flat_views(params, layout)
-    at = 0
-    for i, lo, hi in layout.segments(start, start + values.size):
-        target = views[i][lo:hi]
-        np.add(target, values[at : at + hi - lo], out=target)
-        at += hi - lo
+    _scatter(_flat_views(params, layout), layout, start, values, add=True)
 
 
 def apply_update_file(
