@@ -100,13 +100,18 @@ class StreamingAccumulator:
         self.encoding = encoding
         self.modular = is_secure(encoding)
         self.num_elements = sum(s.nbytes // 4 for s in self.specs)
+        # One fp32 word per element whatever the ring: a narrow ring's sum fills the front of
+        # the buffer (np.zeros maps pages lazily: the rest costs nothing until touched), and
+        # the commit widens it into the fp32 mean in place (`widened`), so a secure round
+        # never holds the sum and the mean side by side.
+        self._words = np.zeros(self.num_elements, dtype=np.float32)
         if self.modular:
             ring = secagg.RING_DTYPES[RING_BITS[encoding]]
             self.decode: Decoder = lambda offset, data: _ring_words(ring, offset, data)
-            self._sum = np.zeros(self.num_elements, dtype=ring)
+            self._sum = self._words.view(ring)[: self.num_elements]
         else:
             self.decode = lambda offset, data: _decoded(encoding, self.num_elements, offset, data)
-            self._sum = np.zeros(self.num_elements, dtype=np.float32)
+            self._sum = self._words
         self.total_weight = 0.0
         stripes = -(-self.num_elements // STRIPE_ELEMENTS) or 1
         self._stripes = [threading.Lock() for _ in range(stripes)]
@@ -182,6 +187,12 @@ class StreamingAccumulator:
     def raw_sum(self) -> np.ndarray:
         """The running sum itself (no copy), to read chunk by chunk. Caller holds `exclusive()`."""
         return self._sum
+
+    def widened(self) -> np.ndarray:
+        """The sum's buffer as one float32 per element, starting at the same address as
+        `raw_sum()`: element i's float covers ring words ≥ i, so writing floats from the last
+        element down never overwrites a ring word not yet read. Caller holds `exclusive()`."""
+        return self._words
 
     def mean(self, *, in_place: bool = False) -> dict[str, torch.Tensor]:
         """Σ wᵢ·Δᵢ / Σ wᵢ as named tensors: views into one fresh buffer, or into the sum itself

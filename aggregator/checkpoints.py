@@ -2,10 +2,10 @@
 
 A file holds the global model (the model's state-dict names) and the outer optimizer state
 (names prefixed `outer/`), so a restarted aggregator resumes the exact optimizer trajectory.
-Files are written atomically (temp file, fsync, rename, fsync dir) and never overwritten: the
-round's DB row records the file's sha256 and only then moves to COMMITTED, so a file newer than
-the last committed version is debris from a crash (`remove_newer_than`). One writer: the
-aggregator process.
+Files are written atomically (temp file hashed as it is written, fsync, rename, fsync dir) and
+never overwritten: the round's DB row records the file's sha256 and only then moves to
+COMMITTED, so a file newer than the last committed version is debris from a crash
+(`remove_newer_than`). One writer: the aggregator process.
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ class CheckpointStore:
             "order": json.dumps(list(tensors)),
             **extra,
         }
-        save_tensors_atomic(tensors, path, metadata)
-        # Hash what is on disk, not what we meant to write: the DB records this.
-        return CheckpointRecord(path, version, round, sha256_file(path), path.stat().st_size)
+        # The hash of the bytes written, taken as they were written: the DB records it.
+        sha256 = save_tensors_atomic(tensors, path, metadata)
+        return CheckpointRecord(path, version, round, sha256, path.stat().st_size)
 
     def read(
         self, version: int, expected_sha256: str | None = None

@@ -4,7 +4,7 @@
                        uploads and its sum                       ── crash point aggregator.aggregating
     run (no lock)      mean delta → outer step → checkpoint (temp, fsync, rename, sha256)
                                                                  ── crash point aggregator.checkpointed
-                       encode (hash) the new model for serving
+                       encode (hash) the new model for serving, beside the checkpoint
     run (lock)         commit the round row with the checkpoint's sha256 (and open the next
                        round) in one transaction; swap in the new version; wake waiting nodes
 
@@ -21,6 +21,7 @@ attempt finds that version in the database and installs it instead of stepping a
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -104,15 +105,22 @@ class Committer:
                     job.base.params, new_params, download, update_path, chunk_bytes, version
                 )
             extra = {UPDATE_SCALE_KEY: json.dumps(scale)} if scale is not None else None
-            record = self.checkpoints.write(version, r.number, new_params, self.outer.state_tensors(),
-                                            self.outer.state_meta(), extra)  # fmt: skip
-            row = CheckpointRow(
-                version, r.number, str(record.path), record.sha256, record.nbytes, s.clock()
-            )
-            crash_points.reached("aggregator.checkpointed", r.number)
-            model = GlobalModel.build(new_params, version, chunk_bytes, encoding=s.config.delta_encoding,
-                                      update_path=update_path, update_manifest=update_manifest,
-                                      update_scale=scale)  # fmt: skip
+            # Serving needs every chunk's hash, the checkpoint its file's: both only read the
+            # new model, so they run side by side (hashing and file writes release the GIL).
+            with ThreadPoolExecutor(1, thread_name_prefix="commit-encode") as pool:
+                building = pool.submit(
+                    GlobalModel.build, new_params, version, chunk_bytes,
+                    encoding=s.config.delta_encoding, update_path=update_path,
+                    update_manifest=update_manifest, update_scale=scale,
+                )  # fmt: skip
+                record = self.checkpoints.write(version, r.number, new_params,
+                                                self.outer.state_tensors(),
+                                                self.outer.state_meta(), extra)  # fmt: skip
+                row = CheckpointRow(
+                    version, r.number, str(record.path), record.sha256, record.nbytes, s.clock()
+                )
+                crash_points.reached("aggregator.checkpointed", r.number)
+                model = building.result()
             total = s.config.federation.rounds
             open_next = not (total and version >= total)
             with s.lock:

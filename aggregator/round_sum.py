@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from aggregator.accumulator import StreamingAccumulator
@@ -154,15 +153,13 @@ class RoundSum:
     def consume_unmasked_mean(
         self, sec: SecAggRound, tokens: dict[str, int]
     ) -> dict[str, torch.Tensor]:
-        """The unmasked, dequantized mean of a secure round, chunk by chunk; in the sum's own
-        buffer when its words are 32 bits wide (each chunk is copied before it is overwritten),
-        else in a new fp32 buffer. The sum is consumed, as in `consume_mean`."""
+        """The unmasked, dequantized mean of a secure round, chunk by chunk from the last, in
+        the sum's own buffer widened to fp32 (each chunk of ring words is copied before floats
+        overwrite it; see `StreamingAccumulator.widened`). The sum is consumed, as in
+        `consume_mean`."""
         acc = self.accumulator
         with acc.exclusive():
-            total = acc.raw_sum()
             self.consumed = True
-            out = (
-                total.view(np.float32) if total.itemsize == 4 else np.empty(total.size, np.float32)
-            )
-            sec.unmasked_mean_into(total, FlatLayout.of(acc.specs), tokens, out)
+            out = acc.widened()
+            sec.unmasked_mean_into(acc.raw_sum(), FlatLayout.of(acc.specs), tokens, out)
             return acc.as_tensors(out)

@@ -220,7 +220,11 @@ class SecAggRound:
         """out = the unmasked, dequantized sum / Σ weights, as float32, one chunk at a time:
         a copy of each chunk of the modular sum `total` (never the whole) loses the survivors'
         self masks and the pairwise masks they still hold with nodes that dropped after
-        sharing, is read as signed integers of the ring's width and scaled per tensor."""
+        sharing, is read as signed integers of the ring's width and scaled per tensor.
+
+        Chunks go from the last to the first, so `out` may be `total`'s own buffer read as
+        float32 (StreamingAccumulator.widened): float i covers ring words ≥ i, all either in
+        the chunk just copied or already done."""
         self_seeds = [self._reconstruct(u, "self") for u in self.survivors]
         pair_masks: list[tuple[bytes, int]] = []
         for d in self.dropped:
@@ -233,7 +237,7 @@ class SecAggRound:
                 pair_masks.append((seed, secagg.pair_sign(v, d)))
         weight = self.total_weight(tokens)
         signed = f"int{self.bits}"
-        for start in range(0, len(total), UNMASK_CHUNK):
+        for start in reversed(range(0, len(total), UNMASK_CHUNK)):
             piece = total[start : start + UNMASK_CHUNK].copy()
             secagg.unmask_chunk(piece, start, self_seeds, pair_masks)
             values = piece.view(signed)

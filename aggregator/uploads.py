@@ -4,9 +4,11 @@ Every chunk is checked against the manifest's sha256 and for NaN/Inf *before* it
 anything. A verified chunk is appended to the upload's spool file, then added to the round's
 sum (aggregator/round_sum.py), which can always be rebuilt from the spools: when an upload is
 abandoned or refused part-way, the sum is rebuilt without it and the refusal leaves no trace.
-A completed upload's spool is fsynced and renamed to `.delta`; it is what a restarted
-aggregator rebuilds the round's sum from. Spool names are unique per upload, so a discarded
-upload's files can be deleted later, outside any lock, without touching its successor's.
+Writeback to disk starts as the spool grows (model/writeback.py), so the fsync that completes an
+upload waits only for its tail. A completed upload's spool is fsynced and renamed to `.delta`; it
+is what a restarted aggregator rebuilds the round's sum from. Spool names are unique per upload,
+so a discarded upload's files can be deleted later, outside any lock, without touching its
+successor's.
 
 All of this runs in the upload's own thread without the coordinator's lock. The session's file
 lock only orders its own writes against a discard from another thread (never both at once on
@@ -26,6 +28,7 @@ import numpy as np
 
 from aggregator.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from aggregator.round_sum import RoundSum
+from model.writeback import Writeback
 from protos.codec import ChunkVerifier, CodecError, Manifest
 
 
@@ -52,6 +55,7 @@ class UploadSession:
         self.part_path = spool_dir / f"{name}.part"
         self.delta_path = spool_dir / f"{name}.delta"
         self._spool: BinaryIO | None = None  # opened by the first chunk, in the upload's thread
+        self._writeback: Writeback | None = None
         self._file_lock = threading.Lock()
         self.added_bytes = 0  # bytes of the spool in the round's sum
         self.streaming = False  # a PushUpdate stream is feeding (or completing) this session
@@ -79,7 +83,9 @@ class UploadSession:
                 if self._spool is None:
                     self.spool_dir.mkdir(parents=True, exist_ok=True)
                     self._spool = open(self.part_path, "wb")  # noqa: SIM115 (closed in finish/discard)
+                    self._writeback = Writeback(self._spool.fileno())
                 self._spool.write(data)
+                self._writeback.wrote(len(data))  # the disk works while the rest arrives
             except OSError as e:  # the caller discards this session: nothing half-written stays
                 raise _storage_failed(e) from e
         if not self.round_sum.add(self, start, data):

@@ -7,16 +7,17 @@ file or the new one, never half of one. No pickle: safetensors holds only raw te
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from model.config import ConfigError, ModelConfig
 from model.gpt import GPT
+from model.writeback import Writeback
 
 WEIGHTS_FORMAT = "fedpt-model/1"
 
@@ -33,23 +34,66 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+_WRITE_BYTES = 16 << 20  # a slice of a tensor written and hashed at a time
+
+
 def save_tensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
-) -> None:
-    """Write `tensors` as safetensors to `path` via a temp file, fsync and rename."""
+) -> str:
+    """Write `tensors` as safetensors to `path` via a temp file, fsync and rename; returns the
+    sha256 (hex) of the file's bytes.
+
+    The file is written straight from the tensors' memory, a slice at a time: no copy of a
+    tensor, the hash taken from the very bytes written (no second read of a model-sized file),
+    and the disk started on each written window (model/writeback.py), so the fsync waits only
+    for the tail. safetensors' own writer serialises in one call and offers neither. Tensors
+    are laid out widest dtype first, each group in the caller's order, which keeps every tensor
+    aligned to its element size; `safe_open` reads the file like any other."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    order = sorted(tensors, key=lambda n: -tensors[n].element_size())  # stable within a dtype
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"cannot write tensor {name} of dtype {t.dtype} as safetensors")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    digest = hashlib.sha256()
     try:
-        save_file(contiguous, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
+        with open(tmp, "wb", buffering=0) as f:
+            writeback = Writeback(f.fileno())
+
+            def write(data: memoryview | bytes) -> None:
+                f.write(data)  # a regular file takes the whole buffer (or raises: disk full)
+                digest.update(data)
+                writeback.wrote(len(data))
+
+            write(len(text).to_bytes(8, "little") + text)
+            for name in order:
+                raw = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                view = memoryview(raw.numpy())
+                for start in range(0, len(view), _WRITE_BYTES):
+                    write(view[start : start + _WRITE_BYTES])
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk must not keep a partial file too
         raise
     fsync_dir(path.parent)
+    return digest.hexdigest()
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -71,6 +71,46 @@ def test_recorded_sha_and_size_are_the_file_and_no_temp_files_remain(tmp_path: P
     assert [p.name for p in tmp_path.iterdir()] == [record.path.name]
 
 
+def test_streamed_safetensors_file_reads_back_exactly_with_the_library(tmp_path: Path) -> None:
+    """model.io writes safetensors itself (to hash while writing): the library must read every
+    dtype back bit for bit, whatever order and sizes (bf16 before fp32, empty, 0-dim, large)."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "odd_bf16": torch.randn(3, 5, generator=g).bfloat16(),
+        "big": torch.randn(3 << 20, generator=g),  # several write slices
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "ids": torch.arange(7, dtype=torch.int64),
+        "empty": torch.empty(0, 4),
+        "flags": torch.tensor([True, False, True]),
+        "bytes": torch.arange(5, dtype=torch.uint8),
+        "strided": torch.randn(6, 4, generator=g).t(),  # not contiguous: written as its values
+    }
+    path = tmp_path / "t.safetensors"
+    digest = save_tensors_atomic(tensors, path, {"k": "v"})
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"k": "v"}
+        for name, t in tensors.items():
+            back = f.get_tensor(name)
+            assert back.dtype == t.dtype and torch.equal(back, t), name
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert (8 + header_len) % 8 == 0  # the data starts aligned
+
+
+def test_writeback_starts_each_full_window_once_as_the_file_grows(monkeypatch) -> None:
+    from model import writeback
+
+    started: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(writeback, "start_writeback", lambda *a: started.append(a))
+    w = writeback.Writeback(fd=7, offset=100, window=10)
+    for n in (4, 4, 4, 25, 3):
+        w.wrote(n)
+    # 100..112 reaches a window after the third write; 112..137 after the fourth; 3 bytes wait
+    assert started == [(7, 100, 12), (7, 112, 25)]
+
+
 def test_refuses_to_overwrite_a_version(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     record = write(store, 1)
