@@ -4,8 +4,8 @@ Every chunk is checked against the manifest's sha256 and for NaN/Inf *before* it
 anything. A verified chunk is appended to the upload's spool file, then added to the round's
 sum (aggregator/round_sum.py), which can always be rebuilt from the spools: when an upload is
 abandoned or refused part-way, the sum is rebuilt without it and the refusal leaves no trace.
-Writeback to disk starts as the spool grows (model/writeback.py), so the fsync that completes an
-upload waits only for its tail. A completed upload's spool is fsynced and renamed to `.delta`; it
+Spools are written with as little CPU as the disk allows, and reach the disk as they grow
+(model/writeback.py), so the fsync that completes an upload waits only for its tail. A completed upload's spool is fsynced and renamed to `.delta`; it
 is what a restarted aggregator rebuilds the round's sum from. Spool names are unique per upload,
 so a discarded upload's files can be deleted later, outside any lock, without touching its
 successor's.
@@ -17,18 +17,16 @@ one file handle).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import threading
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
 from aggregator.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from aggregator.round_sum import RoundSum
-from model.writeback import Writeback
+from model.writeback import SequentialFile
 from protos.codec import ChunkVerifier, CodecError, Manifest
 
 
@@ -54,8 +52,7 @@ class UploadSession:
         name = f"{node_id}.{secrets.token_hex(4)}"
         self.part_path = spool_dir / f"{name}.part"
         self.delta_path = spool_dir / f"{name}.delta"
-        self._spool: BinaryIO | None = None  # opened by the first chunk, in the upload's thread
-        self._writeback: Writeback | None = None
+        self._spool: SequentialFile | None = None  # opened by the first chunk, in its thread
         self._file_lock = threading.Lock()
         self.added_bytes = 0  # bytes of the spool in the round's sum
         self.streaming = False  # a PushUpdate stream is feeding (or completing) this session
@@ -82,10 +79,8 @@ class UploadSession:
             try:
                 if self._spool is None:
                     self.spool_dir.mkdir(parents=True, exist_ok=True)
-                    self._spool = open(self.part_path, "wb")  # noqa: SIM115 (closed in finish/discard)
-                    self._writeback = Writeback(self._spool.fileno())
+                    self._spool = SequentialFile(self.part_path)  # closed in finish/discard
                 self._spool.write(data)
-                self._writeback.wrote(len(data))  # the disk works while the rest arrives
             except OSError as e:  # the caller discards this session: nothing half-written stays
                 raise _storage_failed(e) from e
         if not self.round_sum.add(self, start, data):
@@ -101,9 +96,7 @@ class UploadSession:
             try:
                 if self._spool is None:
                     raise OSError("no spool file was written")
-                self._spool.flush()
-                os.fsync(self._spool.fileno())
-                self._spool.close()
+                self._spool.sync_and_close()
                 os.replace(self.part_path, self.delta_path)
             except OSError as e:
                 raise _storage_failed(e) from e
@@ -130,9 +123,8 @@ class UploadSession:
         """Forget a cancelled upload's bytes (call outside the coordinator's lock; the round's
         sum is rebuilt without them)."""
         with self._file_lock:
-            if self._spool is not None and not self._spool.closed:
-                with contextlib.suppress(OSError):  # buffered bytes a full disk cannot take
-                    self._spool.close()
+            if self._spool is not None:
+                self._spool.close()  # abandoned: what it held back is not needed
             self.part_path.unlink(missing_ok=True)
             self.delta_path.unlink(missing_ok=True)
 

@@ -178,8 +178,10 @@ class SyntheticNode:
             weights = self.client.pull_from_previous(version, held[1], encoding)
             if weights is not None:
                 return weights, True
+            held = None
+        into = held[1] if held is not None else None  # the old version's memory takes the new
         del held
-        return self.client.pull_model(version), False
+        return self.client.pull_model(version, into=into), False
 
     def round(self, task: pb.Task, train_at: float) -> RoundRecord:
         gc.collect()  # last round's buffers are gone before the peak is reset

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from model.config import ConfigError, ModelConfig
 from model.gpt import GPT
-from model.writeback import Writeback
+from model.writeback import SequentialFile
 
 WEIGHTS_FORMAT = "fedpt-model/1"
 
@@ -51,8 +51,8 @@ def save_tensors_atomic(
 
     The file is written straight from the tensors' memory, a slice at a time: no copy of a
     tensor, the hash taken from the very bytes written (no second read of a model-sized file),
-    and the disk started on each written window (model/writeback.py), so the fsync waits only
-    for the tail. safetensors' own writer serialises in one call and offers neither. Tensors
+    and the disk started on each written window (model/writeback.py), so the fsync waits
+    only for the tail. safetensors' own writer serialises in one call and offers neither. Tensors
     are laid out widest dtype first, each group in the caller's order, which keeps every tensor
     aligned to its element size; `safe_open` reads the file like any other."""
     path = Path(path)
@@ -72,24 +72,25 @@ def save_tensors_atomic(
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
     digest = hashlib.sha256()
+    # Through the page cache: O_DIRECT's large synchronous writes queue every other disk
+    # access behind them (the database's, for GetTask during a commit: p99 ~15 ms → ~95 ms).
+    out = SequentialFile(tmp, direct=False)
     try:
-        with open(tmp, "wb", buffering=0) as f:
-            writeback = Writeback(f.fileno())
 
-            def write(data: memoryview | bytes) -> None:
-                f.write(data)  # a regular file takes the whole buffer (or raises: disk full)
-                digest.update(data)
-                writeback.wrote(len(data))
+        def write(data: memoryview | bytes) -> None:
+            out.write(data)
+            digest.update(data)
 
-            write(len(text).to_bytes(8, "little") + text)
-            for name in order:
-                raw = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                view = memoryview(raw.numpy())
-                for start in range(0, len(view), _WRITE_BYTES):
-                    write(view[start : start + _WRITE_BYTES])
-            os.fsync(f.fileno())
+        write(len(text).to_bytes(8, "little") + text)
+        for name in order:
+            raw = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            view = memoryview(raw.numpy())
+            for start in range(0, len(view), _WRITE_BYTES):
+                write(view[start : start + _WRITE_BYTES])
+        out.sync_and_close()
         os.replace(tmp, path)
     except BaseException:
+        out.close()
         tmp.unlink(missing_ok=True)  # a full disk must not keep a partial file too
         raise
     fsync_dir(path.parent)

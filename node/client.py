@@ -122,9 +122,13 @@ class AggregatorClient:
         expected: Sequence[TensorSpec] | None = None,
         max_total_bytes: int | None = None,
         progress: Callable[[int], None] | None = None,
+        into: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The global model of `version`, verified chunk by chunk; a broken stream is resumed
-        from the first chunk not yet received. `progress(n)` after each chunk received."""
+        from the first chunk not yet received. `progress(n)` after each chunk received.
+
+        `into`: tensors of the model's names, shapes and dtypes (an older version this node is
+        done with) to receive into instead of new memory; they are spoiled if this raises."""
         assembler: PayloadAssembler | None = None
         for attempt in range(1, self.attempts + 1):
             first = assembler.next_index if assembler else 0
@@ -139,6 +143,7 @@ class AggregatorClient:
                     assembler,
                     expected=expected,
                     max_total_bytes=max_total_bytes,
+                    into=into,
                 )
             except CodecError:
                 if not breaks:  # the server sent something wrong, not a network failure

@@ -453,7 +453,11 @@ class Participant:
             self.log(
                 f"round {round_number}: the compressed update did not verify; pulling the model"
             )
-        return self.client.pull_model(version, expected=self.model_specs, progress=progress)
+            held = None  # a mix of two versions now, and not what the aggregator serves
+        # The old version's memory takes the new one: no fresh model-sized allocation.
+        into = held[1] if held is not None and list(specs_of(held[1])) == self.model_specs else None
+        return self.client.pull_model(version, expected=self.model_specs, progress=progress,
+                                      into=into)  # fmt: skip
 
     def _push(self, round_number: int, version: int, delta: dict, tokens: int, loss: float) -> bool:
         if self.cfg.save_deltas:

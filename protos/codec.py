@@ -502,16 +502,31 @@ class ChunkVerifier:
 
 class PayloadAssembler:
     """Receiver side, buffering into one preallocated buffer of total_bytes; tensors at the end.
+    Or, with `into`, straight into existing tensors of the manifest's names, shapes and dtypes
+    (say, the model version a node is done with): no model-sized allocation, whose first touch
+    of fresh pages costs more than the copy itself on virtual machines. Those tensors are
+    overwritten as chunks arrive: an incomplete transfer leaves them a mix of two models.
 
     A rejected chunk changes nothing, so the transfer can resume from `restart_from()`.
     """
 
-    def __init__(self, manifest: Manifest) -> None:
+    def __init__(self, manifest: Manifest, into: Mapping[str, torch.Tensor] | None = None) -> None:
         self.manifest = manifest
         self._verifier = ChunkVerifier(manifest)
-        # A torch allocation is well aligned for every dtype, unlike an arbitrary bytearray.
-        self._buffer = torch.empty(manifest.total_bytes, dtype=torch.uint8)
-        self._buffer_np = self._buffer.numpy()
+        self._into: dict[str, torch.Tensor] | None = None
+        if into is None:
+            # A torch allocation is well aligned for every dtype, unlike an arbitrary bytearray.
+            self._buffer = torch.empty(manifest.total_bytes, dtype=torch.uint8)
+            self._buffer_np = self._buffer.numpy()
+            return
+        specs = [TensorSpec(e.name, e.shape, e.dtype) for e in manifest.entries]
+        if list(specs_of(into)) != specs or not all(
+            t.device.type == "cpu" and t.is_contiguous() for t in into.values()
+        ):  # fmt: skip
+            raise CodecError("the tensors to receive into do not match the manifest's")
+        self._into = dict(into)
+        self._flat = _FlatBytes([_flat_uint8(self._into[s.name]) for s in specs],
+                                manifest.entries)  # fmt: skip
 
     @property
     def next_index(self) -> int:
@@ -528,7 +543,13 @@ class PayloadAssembler:
     def add(self, index: int, data: bytes) -> None:
         self._verifier.verify(index, data)
         start, end = self.manifest.chunk_span(index)
-        self._buffer_np[start:end] = np.frombuffer(data, dtype=np.uint8)
+        if self._into is None:
+            self._buffer_np[start:end] = np.frombuffer(data, dtype=np.uint8)
+            return
+        source, at = np.frombuffer(data, dtype=np.uint8), 0
+        for segment in self._flat.segments(start, end):
+            segment[:] = source[at : at + len(segment)]
+            at += len(segment)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The decoded tensors, once complete (every chunk matched its sha256, and the
@@ -542,6 +563,8 @@ class PayloadAssembler:
                 f"payload is incomplete: {self.next_index} of "
                 f"{self.manifest.num_chunks} chunks received"
             )
+        if self._into is not None:
+            return self._into
         return {entry.name: self._tensor(entry) for entry in self.manifest.entries}
 
     def _tensor(self, entry: ManifestEntry) -> torch.Tensor:
@@ -598,15 +621,17 @@ def receive_model(
     *,
     expected: Sequence[TensorSpec] | None = None,
     max_total_bytes: int | None = None,
+    into: Mapping[str, torch.Tensor] | None = None,
 ) -> PayloadAssembler:
-    """Consume a PullModel stream into an assembler, new or resumed; return it, complete or not.
+    """Consume a PullModel stream into an assembler, new (receiving `into` those tensors, if
+    given) or resumed; return it, complete or not.
 
     To resume after a broken connection, wrap the gRPC stream so that a retryable error ends
     the iteration instead of raising; the assembler returned then says `restart_from()`.
     """
     stream = iter(messages)
     manifest = _first_manifest(stream, expected, max_total_bytes)
-    assembler = _resumed_or_new(assembler_or_none, manifest)
+    assembler = _resumed_or_new(assembler_or_none, manifest, into)
     for message in stream:
         kind = message.WhichOneof("payload")
         if kind != "chunk":
@@ -631,9 +656,13 @@ def _first_manifest(
     return Manifest.from_proto(first.manifest, expected=expected, max_total_bytes=max_total_bytes)
 
 
-def _resumed_or_new(assembler: PayloadAssembler | None, manifest: Manifest) -> PayloadAssembler:
+def _resumed_or_new(
+    assembler: PayloadAssembler | None,
+    manifest: Manifest,
+    into: Mapping[str, torch.Tensor] | None = None,
+) -> PayloadAssembler:
     if assembler is None:
-        return PayloadAssembler(manifest)
+        return PayloadAssembler(manifest, into)
     if assembler.manifest != manifest:
         raise CodecError("resumed model stream has a different manifest than the broken one")
     return assembler

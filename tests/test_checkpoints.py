@@ -99,18 +99,6 @@ def test_streamed_safetensors_file_reads_back_exactly_with_the_library(tmp_path:
     assert (8 + header_len) % 8 == 0  # the data starts aligned
 
 
-def test_writeback_starts_each_full_window_once_as_the_file_grows(monkeypatch) -> None:
-    from model import writeback
-
-    started: list[tuple[int, int, int]] = []
-    monkeypatch.setattr(writeback, "start_writeback", lambda *a: started.append(a))
-    w = writeback.Writeback(fd=7, offset=100, window=10)
-    for n in (4, 4, 4, 25, 3):
-        w.wrote(n)
-    # 100..112 reaches a window after the third write; 112..137 after the fourth; 3 bytes wait
-    assert started == [(7, 100, 12), (7, 112, 25)]
-
-
 def test_refuses_to_overwrite_a_version(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     record = write(store, 1)

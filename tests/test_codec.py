@@ -220,6 +220,34 @@ def test_resume_after_broken_stream_gives_identical_tensors(broken_after: int) -
     assert_same_tensors(assembler.tensors(), tensors)
 
 
+@pytest.mark.parametrize("chunk_bytes", [7, 32, DEFAULT_CHUNK_BYTES])
+def test_receiving_into_existing_tensors_overwrites_them_exactly_and_resumes(
+    chunk_bytes: int,
+) -> None:
+    """A node pulls version v+1 into the memory of version v: no new model-sized buffer."""
+    tensors = {k: v.detach().contiguous() for k, v in mixed_tensors().items()}
+    old = {k: torch.zeros_like(v) if v.numel() else v.clone() for k, v in tensors.items()}
+    addresses = {k: v.data_ptr() for k, v in old.items()}
+    payload = encode(tensors, chunk_bytes)
+    broken = itertools.islice(model_stream_messages(payload), 1 + payload.manifest.num_chunks // 2)
+    assembler = receive_model(broken, expected=specs_of(tensors), into=old)
+    assert not assembler.complete
+    resumed = model_stream_messages(payload, first_chunk=assembler.restart_from())
+    got = receive_model(resumed, assembler).tensors()
+    assert_same_tensors(got, tensors)
+    assert all(got[k] is old[k] and got[k].data_ptr() == addresses[k] for k in old)
+
+
+def test_receiving_into_tensors_that_do_not_match_the_manifest_is_refused() -> None:
+    tensors = {"a": torch.zeros(4), "b": torch.zeros(2, 3)}
+    payload = encode(tensors, chunk_bytes=8)
+    for into in ({"a": torch.zeros(4)}, {"b": torch.zeros(2, 3), "a": torch.zeros(4)},
+                 {"a": torch.zeros(4, dtype=torch.int32), "b": torch.zeros(2, 3)},
+                 {"a": torch.zeros(4), "b": torch.zeros(3, 2).t()}):  # fmt: skip
+        with pytest.raises(CodecError, match="do not match"):
+            receive_model(model_stream_messages(payload), into=into)
+
+
 def test_resume_refuses_a_different_manifest() -> None:
     first = encode({"x": torch.zeros(10)}, chunk_bytes=8)
     assembler = receive_model(itertools.islice(model_stream_messages(first), 2))
