@@ -36,11 +36,19 @@ Packing the corpus into token shards is done once, before the clock starts, into
     python -m bench.convergence [--nodes 4] [--rounds 6] [--inner-steps 50] [--outer nesterov]
                                 [--outer-lr LR] [--delta-encoding fp32] [--seed 0] [--out DIR]
                                 [--no-bigbatch]
+
+--sweep "outer=fedavg,nesterov lr=0.5,1 mu=0.5,0.9 h=20,40 inner=kept,reset nodes=2,4" runs one
+federation per combination instead (H at a fixed R x H per node) and, per node count, the
+references once; one table: each setting's mean perplexity, its ratio to synchronous
+data-parallel (central-Nxbatch) and to pooled-sequential (centralized), and for how many
+organisations the federated model beats that organisation's alone model on its own held-out
+data and on the others'.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import tempfile
@@ -155,6 +163,107 @@ def score(
     return losses
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One federation's knobs (None: fedpt simulate's default)."""
+
+    nodes: int
+    rounds: int
+    inner_steps: int
+    outer: str
+    outer_lr: float | None = None
+    momentum: float | None = None
+    reset_inner: bool = False
+    delta_encoding: str | None = None
+
+    def label(self) -> str:
+        lr = "default" if self.outer_lr is None else f"{self.outer_lr:g}"
+        mu = "" if self.momentum is None else f" mu={self.momentum:g}"
+        inner = "reset" if self.reset_inner else "kept"
+        return f"{self.outer} lr={lr}{mu} H={self.inner_steps}xR={self.rounds} inner {inner}"
+
+
+@dataclass
+class FederatedRun:
+    contender: Contender
+    model_config: ModelConfig
+    train_config: TrainConfig
+    encoding: str
+
+
+def run_federated(
+    args: argparse.Namespace, root: Path, name: str, cache: Path, setting: Setting
+) -> FederatedRun:
+    """`fedpt simulate` with `setting`; its last committed global model as a contender."""
+    run = root / name
+    sim_args = ["simulate", "--nodes", str(setting.nodes), "--rounds", str(setting.rounds),
+                "--inner-steps", str(setting.inner_steps), "--outer", setting.outer,
+                "--preset", args.preset, "--seed", str(args.seed), "--out", str(run)]  # fmt: skip
+    if setting.outer_lr is not None:
+        sim_args += ["--outer-lr", str(setting.outer_lr)]
+    if setting.momentum is not None:
+        sim_args += ["--outer-momentum", str(setting.momentum)]
+    if setting.reset_inner:
+        sim_args += ["--reset-inner-optimizer"]
+    if setting.delta_encoding is not None:
+        sim_args += ["--delta-encoding", setting.delta_encoding]
+    print(f"running fedpt {' '.join(sim_args)}", flush=True)
+    # exit status 1: the run finished but the global validation loss did not fall
+    seconds = run_fedpt(sim_args, root / "logs" / f"{name}.log", cache=cache,
+                        timeout=args.timeout, ok_codes=(0, 1))  # fmt: skip
+    model, model_config, train_config, version, committed = federated_model(run)
+    records = node_round_records(run)
+    tokens = sum(r["tokens"] for rs in records.values() for r in rs if r["pushed"])
+    print(f"  {seconds:.1f} s; {committed} of {setting.rounds} rounds committed, scoring global "
+          f"model v{version}; {tokens:,} tokens pushed by {len(records)} nodes")  # fmt: skip
+    encoding = federation_spec(run).get("delta_encoding", "?")
+    return FederatedRun(Contender(name, setting.label(), tokens, seconds, model), model_config,
+                        train_config, encoding)  # fmt: skip
+
+
+def untrained(model_config: ModelConfig, seed: int) -> Contender:
+    """The initial global model: the aggregator builds it from the federation seed."""
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = GPT(model_config).eval()
+    torch.random.set_rng_state(rng_state)
+    return Contender("untrained", "-", 0, 0.0, model)
+
+
+def reference_runs(
+    args: argparse.Namespace, root: Path, cache: Path, orgs: list[str], fed: FederatedRun,
+    steps_alone: int, *, bigbatch: bool,
+) -> list[Contender]:  # fmt: skip
+    """The same tokens without a federation, with the federation's model and inner settings:
+    centralized (pooled data, N x the sequential steps), central-Nxbatch (pooled, the same
+    steps at N x the batch: synchronous data-parallel), alone:ORG (its own data, its steps)."""
+    nodes = len(orgs)
+    root.mkdir(parents=True, exist_ok=True)
+    config_path = write_train_config(root / "train.toml", fed.model_config, fed.train_config)
+    union = "builtin:" + ",".join(orgs)
+    accum = ["--grad-accum", str(nodes * fed.train_config.grad_accum)]
+    jobs: list[tuple[str, str, int, list[str]]] = [("centralized", union, nodes * steps_alone, [])]
+    if bigbatch:
+        jobs.append((f"central-{nodes}xbatch", union, steps_alone, accum))
+    jobs += [(f"alone:{o}", f"builtin:{o}", steps_alone, []) for o in orgs]
+    out_list = []
+    for name, data, steps, extra in jobs:
+        out = root / name.replace(":", "-")
+        train_args = ["train", "--config", str(config_path), "--data", data, "--steps", str(steps),
+                      *extra, "--seed", str(args.seed), "--out", str(out)]  # fmt: skip
+        print(f"running fedpt {' '.join(train_args)}", flush=True)
+        seconds = run_fedpt(train_args, root / "logs" / f"{out.name}.log", cache=cache,
+                            timeout=args.timeout)  # fmt: skip
+        summary = json.loads((out / "summary.json").read_text())
+        model, _ = load_model(out / "model.safetensors")
+        print(f"  {seconds:.1f} s; {summary['tokens_seen']:,} tokens")
+        how = f"{data.removeprefix('builtin:')}, {steps} steps" + (
+            f" x batch {nodes}" if extra else ""
+        )
+        out_list.append(Contender(name, how, summary["tokens_seen"], seconds, model))
+    return out_list
+
+
 def compare_encodings(args: argparse.Namespace) -> None:
     """One federation per encoding (same settings, seed and data); held-out perplexity of each
     final global model, and its ratio to the first (the reference, normally fp32)."""
@@ -204,6 +313,96 @@ def compare_encodings(args: argparse.Namespace) -> None:
                  f"/ {reference}", "diff"], table)  # fmt: skip
 
 
+SWEEP_KEYS = ("nodes", "outer", "lr", "mu", "h", "inner", "encoding")
+
+
+def parse_sweep(spec: str, args: argparse.Namespace) -> list[Setting]:
+    """`outer=fedavg,nesterov lr=0.7,1 h=20,40 inner=kept,reset nodes=4` → every combination.
+    H varies at a fixed number of inner steps per node (--rounds x --inner-steps), so R = T / H.
+    Keys left out take the command line's value."""
+    values: dict[str, list[str]] = {}
+    for part in spec.replace(";", " ").split():
+        key, eq, vals = part.partition("=")
+        if not eq or key not in SWEEP_KEYS or not vals:
+            raise SystemExit(
+                f"--sweep: {part!r} is not KEY=V1,V2,... with KEY in {', '.join(SWEEP_KEYS)}"
+            )
+        values[key] = [v for v in vals.split(",") if v]
+    total = args.rounds * args.inner_steps
+    defaults = {"nodes": [str(args.nodes)], "outer": [args.outer],
+                "lr": ["default" if args.outer_lr is None else str(args.outer_lr)], "mu": ["default"],
+                "h": [str(args.inner_steps)], "inner": ["kept"],
+                "encoding": [args.delta_encoding or "default"]}  # fmt: skip
+    grid = [values.get(k, defaults[k]) for k in SWEEP_KEYS]
+    settings = []
+    try:
+        for nodes, outer, lr, mu, h, inner, encoding in itertools.product(*grid):
+            if outer not in ("fedavg", "nesterov", "adam") or inner not in ("kept", "reset"):
+                raise ValueError(f"outer {outer!r} / inner {inner!r}")
+            if total % int(h):
+                raise ValueError(f"H={h} does not divide the {total} inner steps per node")
+            settings.append(Setting(int(nodes), total // int(h), int(h), outer,
+                                    None if lr == "default" else float(lr),
+                                    None if mu == "default" else float(mu), inner == "reset",
+                                    None if encoding == "default" else encoding))  # fmt: skip
+    except ValueError as e:
+        raise SystemExit(f"--sweep: {e}") from e
+    return settings
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """One federation per setting; per node count, the references (pooled data with N x the
+    steps, synchronous data-parallel, each organisation alone) once, with the same tokens."""
+    settings = parse_sweep(args.sweep, args)
+    cache = (args.cache_dir or cache_dir()).resolve()
+    steps_alone = args.rounds * args.inner_steps
+    report: list[list[str]] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedpt-convergence-") as tmp:
+        root = empty_run_folder(args.out or Path(tmp))
+        for nodes in sorted({st.nodes for st in settings}):
+            orgs = federation_orgs(nodes)
+            for source in (*[f"builtin:{o}" for o in orgs], "builtin:" + ",".join(orgs)):
+                prepare_data(source, ByteTokenizer(), cache)
+            val = held_out_sets(orgs, cache)
+            feds = []
+            for i, st in enumerate(s for s in settings if s.nodes == nodes):
+                fed = run_federated(args, root, f"n{nodes}-{i}", cache, st)
+                fed.contender.losses = score(fed.contender.model, val, args.eval_batches,
+                                             args.eval_batch_size)  # fmt: skip
+                feds.append(fed)
+            refs = {c.name: c for c in reference_runs(args, root / f"n{nodes}-refs", cache, orgs,
+                                                       feds[0], steps_alone, bigbatch=True)}  # fmt: skip
+            for c in refs.values():
+                c.losses = score(c.model, val, args.eval_batches, args.eval_batch_size)
+            dp, pooled = refs[f"central-{nodes}xbatch"], refs["centralized"]
+            for fed in feds:
+                c = fed.contender
+                own = sum(c.losses[o] < refs[f"alone:{o}"].losses[o] for o in orgs)
+                others = sum(
+                    c.mean_loss([x for x in orgs if x != o]) < refs[f"alone:{o}"].mean_loss([x for x in orgs if x != o])
+                    for o in orgs
+                ) if nodes > 1 else 0  # fmt: skip
+                report.append([str(nodes), c.trained_on, f"{math.exp(c.mean_loss(orgs)):.3f}",
+                               f"{math.exp(c.mean_loss(orgs) - dp.mean_loss(orgs)):.3f}",
+                               f"{math.exp(c.mean_loss(orgs) - pooled.mean_loss(orgs)):.3f}",
+                               f"{own}/{nodes}", f"{others}/{nodes}", f"{c.seconds:.0f}"])  # fmt: skip
+            for name in ("centralized", f"central-{nodes}xbatch", *[f"alone:{o}" for o in orgs]):
+                r = refs[name]
+                report.append([str(nodes), f"({name}: {r.trained_on})",
+                               f"{math.exp(r.mean_loss(orgs)):.3f}", "", "", "", "", f"{r.seconds:.0f}"])  # fmt: skip
+    print()
+    print(f"preset {args.preset}, {steps_alone} inner steps per node (R x H), seed {args.seed}; "
+          "held-out perplexity on every organisation's validation split (mean = exp(mean loss))")  # fmt: skip
+    print("fed/DP: / synchronous data-parallel on the pooled data (same tokens, same sequential "
+          "steps); fed/pooled: / one model on the pooled data with N x the steps; own (others): "
+          "organisations whose own (the other organisations') held-out data the federation "
+          "models better than that organisation's model trained alone")  # fmt: skip
+    print_table(["nodes", "setting", "mean ppl", "fed/DP", "fed/pooled", "own wins",
+                 "others wins", "wall s"], report)  # fmt: skip
+    print(f"bench total {time.perf_counter() - started:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,6 +418,10 @@ def main() -> None:
                         help="compare encodings instead: comma list of DELTA or DELTA:DOWNLOAD "
                              "(e.g. fp32,int8,int8:int8,masked-int16); the first is the reference; "
                              "only federated runs, same settings and seed")  # fmt: skip
+    parser.add_argument("--sweep", default=None,
+                        help="a sweep instead: KEY=V1,V2 ... for KEY in nodes, outer, lr, mu, h "
+                             "(at fixed R x H), inner (kept, reset), encoding; every combination "
+                             "is one federation, scored against the same references")  # fmt: skip
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0, help="initial model (all runs), data order (train runs)")  # fmt: skip
     parser.add_argument("--eval-batches", type=int, default=32, help="held-out batches per organisation")  # fmt: skip
@@ -233,6 +436,9 @@ def main() -> None:
 
     if args.encodings:
         compare_encodings(args)
+        return
+    if args.sweep:
+        sweep(args)
         return
     orgs = federation_orgs(args.nodes)
     cache = (args.cache_dir or cache_dir()).resolve()
@@ -251,59 +457,25 @@ def main() -> None:
               f"({time.perf_counter() - t0:.1f} s, not counted below)")  # fmt: skip
 
         # ---- federated ----------------------------------------------------------------------
-        fed_run = root / "federated"
-        sim_args = ["simulate", "--nodes", str(args.nodes), "--rounds", str(args.rounds),
-                    "--inner-steps", str(args.inner_steps), "--outer", args.outer, "--preset", args.preset,
-                    "--seed", str(args.seed), "--out", str(fed_run)]  # fmt: skip
-        if args.outer_lr is not None:
-            sim_args += ["--outer-lr", str(args.outer_lr)]
-        if args.delta_encoding is not None:
-            sim_args += ["--delta-encoding", args.delta_encoding]
-        print(f"running fedpt {' '.join(sim_args)}", flush=True)
-        # exit status 1: the run finished but the global validation loss did not fall
-        fed_seconds = run_fedpt(sim_args, root / "logs" / "federated.log", cache=cache,
-                                timeout=args.timeout, ok_codes=(0, 1))  # fmt: skip
-        fed_model, model_config, train_config, version, committed = federated_model(fed_run)
-        encoding = federation_spec(fed_run).get("delta_encoding", "?")
-        records = node_round_records(fed_run)
-        fed_tokens = sum(r["tokens"] for rs in records.values() for r in rs if r["pushed"])
+        setting = Setting(args.nodes, args.rounds, args.inner_steps, args.outer, args.outer_lr,
+                          None, False, args.delta_encoding)  # fmt: skip
+        fed_run = run_federated(args, root, "federated", cache, setting)
+        fed_model, fed_seconds = fed_run.contender.model, fed_run.contender.seconds
+        model_config, train_config = fed_run.model_config, fed_run.train_config
+        encoding, fed_tokens = fed_run.encoding, fed_run.contender.tokens
         tokens_per_step = train_config.tokens_per_step(1)
         if fed_tokens != steps_union * tokens_per_step:
             print(
                 f"  note: expected N x R x H x tokens/step = {steps_union * tokens_per_step:,} tokens"
             )
-        print(f"  {fed_seconds:.1f} s; {committed} of {args.rounds} rounds committed, scoring global "
-              f"model v{version}; {fed_tokens:,} tokens pushed by {len(records)} nodes")  # fmt: skip
 
         # ---- centralized and alone: the federation's settings, other data and step counts ---
-        config_path = write_train_config(root / "train.toml", model_config, train_config)
-        contenders = []
-        rng_state = torch.random.get_rng_state()
-        torch.manual_seed(args.seed)  # the aggregator builds the initial model the same way
-        contenders.append(Contender("untrained", "-", 0, 0.0, GPT(model_config).eval()))
-        torch.random.set_rng_state(rng_state)
+        contenders = [untrained(model_config, args.seed)]
         how = f"{args.nodes} nodes x {args.rounds} rounds x H={args.inner_steps}, {args.outer}, {encoding}"
         contenders.append(Contender("federated", how, fed_tokens, fed_seconds, fed_model))
         big = f"central-{args.nodes}xbatch"
-        accum = ["--grad-accum", str(args.nodes * train_config.grad_accum)]
-        jobs: list[tuple[str, str, int, list[str]]] = [("centralized", union, steps_union, [])]
-        if not args.no_bigbatch:
-            jobs.append((big, union, steps_alone, accum))
-        jobs += [(f"alone:{o}", f"builtin:{o}", steps_alone, []) for o in orgs]
-        for name, data, steps, extra in jobs:
-            out = root / name.replace(":", "-")
-            train_args = ["train", "--config", str(config_path), "--data", data, "--steps", str(steps),
-                          *extra, "--seed", str(args.seed), "--out", str(out)]  # fmt: skip
-            print(f"running fedpt {' '.join(train_args)}", flush=True)
-            seconds = run_fedpt(train_args, root / "logs" / f"{out.name}.log", cache=cache,
-                                timeout=args.timeout)  # fmt: skip
-            summary = json.loads((out / "summary.json").read_text())
-            model, _ = load_model(out / "model.safetensors")
-            print(f"  {seconds:.1f} s; {summary['tokens_seen']:,} tokens")
-            how = f"{data.removeprefix('builtin:')}, {steps} steps" + (
-                " x batch " + str(args.nodes) if extra else ""
-            )
-            contenders.append(Contender(name, how, summary["tokens_seen"], seconds, model))
+        contenders += reference_runs(args, root, cache, orgs, fed_run, steps_alone,
+                                     bigbatch=not args.no_bigbatch)  # fmt: skip
 
         t0 = time.perf_counter()
         for c in contenders:

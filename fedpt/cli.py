@@ -520,6 +520,10 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inner-steps", type=int, default=40, help="H: inner steps per round")
     p.add_argument("--outer", choices=("fedavg", "nesterov", "adam"), default="nesterov")
     p.add_argument("--outer-lr", type=float, default=None)
+    p.add_argument("--outer-momentum", type=float, default=None,
+                   help="nesterov's momentum μ (default 0.9)")  # fmt: skip
+    p.add_argument("--reset-inner-optimizer", action="store_true",
+                   help="nodes start every round with fresh inner AdamW moments (default: kept)")  # fmt: skip
     p.add_argument("--min-nodes", type=int, default=None, help="quorum (default: all nodes)")
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--nproc-per-node", type=int, default=1)
@@ -539,7 +543,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     options = SimulationOptions(
         nodes=args.nodes, rounds=args.rounds, preset=args.preset,
         data=[d for d in (args.data or "").split(",") if d], inner_steps=args.inner_steps,
-        outer=args.outer, outer_lr=args.outer_lr, min_nodes=args.min_nodes, round_timeout=args.round_timeout,
+        outer=args.outer, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
+        reset_inner_optimizer=args.reset_inner_optimizer, min_nodes=args.min_nodes, round_timeout=args.round_timeout,
         nproc_per_node=args.nproc_per_node, seed=args.seed, delta_encoding=args.delta_encoding,
         download_encoding=args.download_encoding, out=args.out,
     )  # fmt: skip

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.checkpoints import CheckpointStore
 from aggregator.handlers import SERVICE_NAME
+from aggregator.outer import OuterConfig, OuterConfigError
 from aggregator.store import Store
 from model.config import ModelConfig
 from model.gpt import GPT
@@ -59,6 +60,8 @@ class SimulationOptions:
     inner_steps: int = 40
     outer: str = "nesterov"
     outer_lr: float | None = None
+    outer_momentum: float | None = None  # nesterov μ (default: aggregator/outer.py's)
+    reset_inner_optimizer: bool = False  # nodes start each round with fresh AdamW moments
     min_nodes: int | None = None
     round_timeout: float = 600.0
     nproc_per_node: int = 1
@@ -106,6 +109,8 @@ def named_sources(sources: list[str]) -> list[tuple[str, str]]:
 def write_aggregator_config(opts: SimulationOptions, run: Path, port: int) -> Path:
     min_nodes = opts.min_nodes or opts.nodes
     outer_lr = f"lr = {opts.outer_lr}\n" if opts.outer_lr else ""
+    if opts.outer_momentum is not None:
+        outer_lr += f"momentum = {opts.outer_momentum}\n"
     text = f"""[server]
 host = "127.0.0.1"
 port = {port}
@@ -147,6 +152,11 @@ class Simulation:
             raise SimulationError(f"{self.run} is not empty; choose another --out")
         if opts.nodes < 1 or opts.rounds < 1 or opts.inner_steps < 1:
             raise SimulationError("--nodes, --rounds and --inner-steps must be at least 1")
+        try:  # refused here, before any process starts, as the aggregator would refuse it
+            OuterConfig(opts.outer, opts.outer_lr,
+                        **({} if opts.outer_momentum is None else {"momentum": opts.outer_momentum}))  # fmt: skip
+        except OuterConfigError as e:
+            raise SimulationError(str(e).replace("[outer] ", "--outer-")) from e
         self.sources = named_sources(opts.data) if opts.data else default_sources(opts.nodes)
         if len(self.sources) != opts.nodes:
             raise SimulationError(
@@ -255,6 +265,7 @@ class Simulation:
             args = ["node", "join", "--aggregator", address, "--data", source, "--kit", str(self.run / "pki" / name),
                     "--organisation", name,
                     "--work-dir", str(self.run / "nodes" / name), "--nproc-per-node", str(self.opts.nproc_per_node)]  # fmt: skip
+            args += ["--reset-inner-optimizer"] if self.opts.reset_inner_optimizer else []
             proc, log_path = self._spawn(args, f"node-{name}")
             nodes.append(NodeProcess(name, source, proc, log_path))
         self.log(f"simulation: aggregator on {address}, {len(nodes)} nodes, run folder {self.run}")

@@ -130,6 +130,8 @@ BAD_COMMANDS = [
     (["eval", "--checkpoint", "/no/such/run", "--data", "CORPUS"], "no weights found"),
     (["generate", "--checkpoint", "GARBAGE", "--prompt", "hi"], "cannot read weights"),
     (["frobnicate"], "invalid choice"),
+    (["simulate", "--out", "OUT", "--outer-momentum", "1.5"], "--outer-momentum must be in [0, 1)"),
+    (["simulate", "--out", "OUT", "--outer-lr", "-2"], "--outer-lr must be positive"),
 ]
 
 
