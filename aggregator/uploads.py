@@ -5,10 +5,10 @@ anything. A verified chunk is appended to the upload's spool file, then added to
 sum (aggregator/round_sum.py), which can always be rebuilt from the spools: when an upload is
 abandoned or refused part-way, the sum is rebuilt without it and the refusal leaves no trace.
 Spools are written with as little CPU as the disk allows, and reach the disk as they grow
-(model/writeback.py), so the fsync that completes an upload waits only for its tail. A completed upload's spool is fsynced and renamed to `.delta`; it
-is what a restarted aggregator rebuilds the round's sum from. Spool names are unique per upload,
-so a discarded upload's files can be deleted later, outside any lock, without touching its
-successor's.
+(model/writeback.py), so the fsync that completes an upload waits only for its tail. A completed
+upload's spool is fsynced and renamed to `.delta`; it is what a restarted aggregator rebuilds the
+round's sum from. Spool names are unique per upload, so a discarded upload's files can be deleted
+later, outside any lock, without touching its successor's.
 
 All of this runs in the upload's own thread without the coordinator's lock. The session's file
 lock only orders its own writes against a discard from another thread (never both at once on

@@ -108,9 +108,9 @@ def named_sources(sources: list[str]) -> list[tuple[str, str]]:
 
 def write_aggregator_config(opts: SimulationOptions, run: Path, port: int) -> Path:
     min_nodes = opts.min_nodes or opts.nodes
-    outer_lr = f"lr = {opts.outer_lr}\n" if opts.outer_lr else ""
+    outer_settings = f"lr = {opts.outer_lr}\n" if opts.outer_lr else ""
     if opts.outer_momentum is not None:
-        outer_lr += f"momentum = {opts.outer_momentum}\n"
+        outer_settings += f"momentum = {opts.outer_momentum}\n"
     text = f"""[server]
 host = "127.0.0.1"
 port = {port}
@@ -135,7 +135,7 @@ start_grace_seconds = 2.0
 
 [outer]
 name = "{opts.outer}"
-{outer_lr}
+{outer_settings}
 [store]
 state_dir = "{run / "aggregator"}"
 """

@@ -519,7 +519,7 @@ class PayloadAssembler:
             self._buffer = torch.empty(manifest.total_bytes, dtype=torch.uint8)
             self._buffer_np = self._buffer.numpy()
             return
-        specs = [TensorSpec(e.name, e.shape, e.dtype) for e in manifest.entries]
+        specs = manifest.specs()
         if list(specs_of(into)) != specs or not all(
             t.device.type == "cpu" and t.is_contiguous() for t in into.values()
         ):  # fmt: skip
