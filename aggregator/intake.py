@@ -28,7 +28,7 @@ from aggregator.errors import (
 )
 from aggregator.round_sum import Member, RoundSum, SpooledUpload
 from aggregator.state import ACCEPTING, RecoveryError, RoundState, Shared
-from aggregator.store import RoundRow, SubmissionRow
+from aggregator.store import BASE_VAL_LOSS, MetricRow, RoundRow, SubmissionRow
 from aggregator.uploads import UploadSession
 from protos import crash_points
 from protos import federation_pb2 as pb
@@ -94,6 +94,10 @@ class UploadIntake:
             )
         if not math.isfinite(header.train_loss):
             raise InvalidArgument("train_loss must be a finite number")
+        if header.HasField("base_val_loss") and not (
+            math.isfinite(header.base_val_loss) and header.base_val_loss >= 0
+        ):
+            raise InvalidArgument("base_val_loss must be a finite, non-negative number")
         try:
             manifest = Manifest.from_proto(
                 header.manifest,
@@ -118,6 +122,9 @@ class UploadIntake:
                                     header.train_loss, self.spool_dir(r.number), self.round_sum,
                                     check_finite=not s.secure)  # fmt: skip
             self.sessions[node_id] = session
+        # A resumed stream may bring the score the first one did not: the newest header's wins.
+        if header.HasField("base_val_loss"):
+            session.base_val_loss = header.base_val_loss
         session.streaming = True
         return session
 
@@ -162,8 +169,15 @@ class UploadIntake:
             row = SubmissionRow(session.node_id, int(session.weight), session.train_loss,
                                 session.manifest.total_bytes, session.sha256_hex,
                                 str(session.delta_path), s.clock())  # fmt: skip
+            # Stored with the submission, whatever the round's outcome: it scores the model
+            # the round started from, not this update.
+            scores = []
+            if session.base_val_loss is not None:
+                scores.append(MetricRow(session.round_number, session.node_id, BASE_VAL_LOSS,
+                                        session.base_val_loss))  # fmt: skip
             try:
-                s.store_call(s.store.add_submission, s.federation_id, session.round_number, row)
+                s.store_call(s.store.add_submission, s.federation_id, session.round_number, row,
+                             scores)  # fmt: skip
             except Refused:
                 self.discard(session)
                 raise

@@ -53,8 +53,9 @@ class RoundLifecycle:
               f"{len(self.intake.completed)} upload(s) kept")  # fmt: skip
 
     # ---- tasks --------------------------------------------------------------------------------
-    def get_task(self, node_id: str, wait_seconds: float) -> pb.Task:
-        """What `node_id` must do now; holds the call up to `wait_seconds` while it would WAIT."""
+    def get_task(self, node_id: str, wait_seconds: float, final_model: bool = False) -> pb.Task:
+        """What `node_id` must do now; holds the call up to `wait_seconds` while it would WAIT.
+        `final_model`: a node that will pull the final model after STOP (not yet told)."""
         s = self.shared
         if not math.isfinite(wait_seconds):  # NaN would make every comparison below false
             wait_seconds = 0.0
@@ -66,6 +67,11 @@ class RoundLifecycle:
                 if s.round.state == RoundState.OPEN:
                     crash_points.reached("aggregator.open", s.round.number)
                 self.maybe_start_round()
+                if s.finished and final_model:
+                    # Not yet `saw_stop`: the aggregator stays up while this node pulls the
+                    # final model (at most stop_linger_seconds), until it asks without the flag.
+                    return pb.Task(kind=pb.Task.STOP, model_version=s.model.version,
+                                   message="the federation has finished: pull the final model")  # fmt: skip
                 task = self._task_for(node_id)
                 remaining = give_up - time.monotonic()
                 if task.kind != pb.Task.WAIT or remaining <= 0:
@@ -78,7 +84,8 @@ class RoundLifecycle:
         r = s.round
         if s.finished:
             self.saw_stop.add(node_id)
-            return pb.Task(kind=pb.Task.STOP, message="the federation has finished")
+            return pb.Task(kind=pb.Task.STOP, model_version=s.model.version,
+                           message="the federation has finished")  # fmt: skip
         if s.secagg is not None and r.state in ACCEPTING:
             kind = self._secagg_task(s.secagg, node_id)
             if kind is not None:

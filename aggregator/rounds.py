@@ -139,8 +139,8 @@ class Coordinator:
         return self.membership.authenticate(token)
 
     # ---- tasks --------------------------------------------------------------------------------
-    def get_task(self, node_id: str, wait_seconds: float) -> pb.Task:
-        return self.lifecycle.get_task(node_id, wait_seconds)
+    def get_task(self, node_id: str, wait_seconds: float, final_model: bool = False) -> pb.Task:
+        return self.lifecycle.get_task(node_id, wait_seconds, final_model)
 
     def every_node_saw_stop(self) -> bool:
         return self.lifecycle.every_node_saw_stop()

@@ -128,7 +128,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     @_answer_refusals
     def GetTask(self, request: pb.TaskRequest, context) -> pb.Task:
         node = self._caller(context)
-        return self.coordinator.get_task(node.id, request.wait_seconds)
+        return self.coordinator.get_task(node.id, request.wait_seconds, request.final_model)
 
     @_answer_refusals_streaming
     def PullModel(self, request: pb.PullRequest, context) -> Iterator[pb.ModelStreamMessage]:

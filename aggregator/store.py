@@ -11,7 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +75,10 @@ class CheckpointRow:
     sha256: str
     nbytes: int
     created_at: float
+
+
+# A node's loss of the model a round started from, on its own private validation split.
+BASE_VAL_LOSS = "base_val_loss"
 
 
 @dataclass(frozen=True)
@@ -318,12 +322,18 @@ class Store:
         return row
 
     # ---- submissions --------------------------------------------------------------------------
-    def add_submission(self, federation_id: str, number: int, sub: SubmissionRow) -> None:
+    def add_submission(
+        self, federation_id: str, number: int, sub: SubmissionRow,
+        metrics: Iterable[MetricRow] = (),
+    ) -> None:  # fmt: skip
+        """Record a completed upload, and the metrics its node sent with it (one transaction)."""
         with self._transaction() as s:
             round_id = self._round_row(s, federation_id, number).id
             s.add(schema.Submission(round_id=round_id, node_id=sub.node_id, num_tokens=sub.num_tokens,
                                     train_loss=sub.train_loss, nbytes=sub.nbytes, sha256=sub.sha256,
                                     path=sub.path, completed_at=sub.completed_at))  # fmt: skip
+            now = time.time()
+            s.add_all(_metric(federation_id, m, now) for m in metrics)
 
     def submissions(self, federation_id: str, number: int) -> list[SubmissionRow]:
         with self._transaction() as s:

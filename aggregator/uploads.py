@@ -46,6 +46,7 @@ class UploadSession:
         self.check_finite = check_finite
         self.node_id, self.round_number = node_id, round_number
         self.manifest, self.weight, self.train_loss = manifest, weight, train_loss
+        self.base_val_loss: float | None = None  # the node's score of the round's base model
         self.round_sum = round_sum
         self.verifier = ChunkVerifier(manifest)
         self.spool_dir = spool_dir

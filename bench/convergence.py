@@ -37,9 +37,9 @@ Packing the corpus into token shards is done once, before the clock starts, into
                                 [--outer-lr LR] [--delta-encoding fp32] [--seed 0] [--out DIR]
                                 [--no-bigbatch]
 
---sweep "outer=fedavg,nesterov lr=0.5,1 mu=0.5,0.9 h=20,40 inner=kept,reset nodes=2,4" runs one
-federation per combination instead (H at a fixed R x H per node) and, per node count, the
-references once; one table: each setting's mean perplexity, its ratio to synchronous
+--sweep "outer=fedavg,nesterov lr=0.5,1 mu=0.5,0.9 h=20,40 inner=kept,reset nodes=2,4 prox=0,0.01"
+runs one federation per combination instead (H at a fixed R x H per node; prox: the FedProx μ)
+and, per node count, the references once; one table: each setting's mean perplexity, its ratio to synchronous
 data-parallel (central-Nxbatch) and to pooled-sequential (centralized), and for how many
 organisations the federated model beats that organisation's alone model on its own held-out
 data and on the others'.
@@ -68,6 +68,7 @@ from bench.common import (
     print_table,
     run_fedpt,
 )
+from fedpt.payoff import write_train_config
 from model.config import ModelConfig
 from model.gpt import GPT
 from model.io import load_model, load_weights_into
@@ -104,23 +105,6 @@ def federation_orgs(nodes: int) -> list[str]:
     if not 1 <= nodes <= len(orgs):
         raise SystemExit(f"--nodes must be 1..{len(orgs)}: one built-in organisation per node")
     return orgs[:nodes]
-
-
-def toml_table(name: str, values: dict) -> str:
-    """A flat TOML table (numbers, bools, strings); None values are left out (the default)."""
-    lines = [f"[{name}]"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
-    return "\n".join(lines) + "\n"
-
-
-def write_train_config(path: Path, model_config: ModelConfig, train_config: TrainConfig) -> Path:
-    """The federation's model and inner-loop settings as a `fedpt train --config` file."""
-    path.write_text(
-        toml_table("model", model_config.to_dict())
-        + "\n"
-        + toml_table("train", train_config.to_dict())
-    )
-    return path
 
 
 def federated_model(run: Path) -> tuple[GPT, ModelConfig, TrainConfig, int, int]:
@@ -175,12 +159,14 @@ class Setting:
     momentum: float | None = None
     reset_inner: bool = False
     delta_encoding: str | None = None
+    proximal_mu: float = 0.0
 
     def label(self) -> str:
         lr = "default" if self.outer_lr is None else f"{self.outer_lr:g}"
         mu = "" if self.momentum is None else f" mu={self.momentum:g}"
         inner = "reset" if self.reset_inner else "kept"
-        return f"{self.outer} lr={lr}{mu} H={self.inner_steps}xR={self.rounds} inner {inner}"
+        prox = f" prox={self.proximal_mu:g}" if self.proximal_mu else ""
+        return f"{self.outer} lr={lr}{mu} H={self.inner_steps}xR={self.rounds} inner {inner}{prox}"
 
 
 @dataclass
@@ -207,6 +193,10 @@ def run_federated(
         sim_args += ["--reset-inner-optimizer"]
     if setting.delta_encoding is not None:
         sim_args += ["--delta-encoding", setting.delta_encoding]
+    if setting.proximal_mu:
+        sim_args += ["--proximal-mu", str(setting.proximal_mu)]
+    # The references are trained here, once per sweep: not by every simulation.
+    sim_args += ["--no-alone", "--personalise-steps", "0"]
     print(f"running fedpt {' '.join(sim_args)}", flush=True)
     # exit status 1: the run finished but the global validation loss did not fall
     seconds = run_fedpt(sim_args, root / "logs" / f"{name}.log", cache=cache,
@@ -313,13 +303,25 @@ def compare_encodings(args: argparse.Namespace) -> None:
                  f"/ {reference}", "diff"], table)  # fmt: skip
 
 
-SWEEP_KEYS = ("nodes", "outer", "lr", "mu", "h", "inner", "encoding")
+SWEEP_KEYS = ("nodes", "outer", "lr", "mu", "h", "inner", "encoding", "prox")
 
 
 def parse_sweep(spec: str, args: argparse.Namespace) -> list[Setting]:
-    """`outer=fedavg,nesterov lr=0.7,1 h=20,40 inner=kept,reset nodes=4` → every combination.
+    """`outer=fedavg,nesterov lr=0.7,1 h=20,40 inner=kept,reset nodes=4` → every combination;
+    grids joined by `|` add up (`outer=fedavg h=10 | outer=nesterov mu=0.5`), duplicates once.
     H varies at a fixed number of inner steps per node (--rounds x --inner-steps), so R = T / H.
     Keys left out take the command line's value."""
+    settings: list[Setting] = []
+    for grid_spec in spec.split("|"):
+        for setting in _grid(grid_spec, args):
+            if setting not in settings:
+                settings.append(setting)
+    if not settings:
+        raise SystemExit("--sweep: no setting given")
+    return settings
+
+
+def _grid(spec: str, args: argparse.Namespace) -> list[Setting]:
     values: dict[str, list[str]] = {}
     for part in spec.replace(";", " ").split():
         key, eq, vals = part.partition("=")
@@ -332,11 +334,11 @@ def parse_sweep(spec: str, args: argparse.Namespace) -> list[Setting]:
     defaults = {"nodes": [str(args.nodes)], "outer": [args.outer],
                 "lr": ["default" if args.outer_lr is None else str(args.outer_lr)], "mu": ["default"],
                 "h": [str(args.inner_steps)], "inner": ["kept"],
-                "encoding": [args.delta_encoding or "default"]}  # fmt: skip
+                "encoding": [args.delta_encoding or "default"], "prox": ["0"]}  # fmt: skip
     grid = [values.get(k, defaults[k]) for k in SWEEP_KEYS]
     settings = []
     try:
-        for nodes, outer, lr, mu, h, inner, encoding in itertools.product(*grid):
+        for nodes, outer, lr, mu, h, inner, encoding, prox in itertools.product(*grid):
             if outer not in ("fedavg", "nesterov", "adam") or inner not in ("kept", "reset"):
                 raise ValueError(f"outer {outer!r} / inner {inner!r}")
             if total % int(h):
@@ -344,7 +346,7 @@ def parse_sweep(spec: str, args: argparse.Namespace) -> list[Setting]:
             settings.append(Setting(int(nodes), total // int(h), int(h), outer,
                                     None if lr == "default" else float(lr),
                                     None if mu == "default" else float(mu), inner == "reset",
-                                    None if encoding == "default" else encoding))  # fmt: skip
+                                    None if encoding == "default" else encoding, float(prox)))  # fmt: skip
     except ValueError as e:
         raise SystemExit(f"--sweep: {e}") from e
     return settings
@@ -420,7 +422,7 @@ def main() -> None:
                              "only federated runs, same settings and seed")  # fmt: skip
     parser.add_argument("--sweep", default=None,
                         help="a sweep instead: KEY=V1,V2 ... for KEY in nodes, outer, lr, mu, h "
-                             "(at fixed R x H), inner (kept, reset), encoding; every combination "
+                             "(at fixed R x H), inner (kept, reset), encoding, prox (FedProx mu); every combination "
                              "is one federation, scored against the same references")  # fmt: skip
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0, help="initial model (all runs), data order (train runs)")  # fmt: skip

@@ -402,7 +402,8 @@ def cmd_aggregator_serve(args: argparse.Namespace) -> int:
 
 # ---- node -------------------------------------------------------------------------------------
 NODE_FLAGS = {"aggregator": str, "data": str, "organisation": str, "tokenizer": str, "work_dir": str,
-              "kit": str, "poll_seconds": float, "reconnect_timeout_seconds": float}  # fmt: skip
+              "kit": str, "poll_seconds": float, "reconnect_timeout_seconds": float,
+              "personalise_steps": int, "personalise_lr": float, "lora_rank": int}  # fmt: skip
 
 
 def add_node_parser(sub: argparse._SubParsersAction) -> None:
@@ -427,7 +428,30 @@ def add_node_parser(sub: argparse._SubParsersAction) -> None:
                       "(a restarted node then starts its optimizer afresh)")  # fmt: skip
     join.add_argument("--insecure", action="store_true", default=None,
                       help="plain text, no certificates (trusted networks and tests only)")  # fmt: skip
+    join.add_argument("--personalise-mode", choices=("full", "lora"), default=None,
+                      help="how --personalise-steps adapt the final model (default: full)")  # fmt: skip
+    join.add_argument("--no-score-global", dest="score_global", action="store_false",
+                      default=None, help="do not score each global model on the validation "
+                      "split (nor report it to the aggregator)")  # fmt: skip
     join.set_defaults(func=cmd_node_join)
+
+    own = nsub.add_parser("personalise", help="adapt a global model on this node's private data "
+                          "(on demand; `join --personalise-steps` does it when a federation ends)")  # fmt: skip
+    own.add_argument("--work-dir", type=Path, required=True,
+                     help="the node's work dir: its inner settings and, by default, the final model")  # fmt: skip
+    own.add_argument("--data", required=True, help="the node's private corpus (as for join)")
+    own.add_argument("--tokenizer", default=None, help="the federation's BPE JSON, if it uses one")
+    own.add_argument("--model", type=Path, default=None,
+                     help="weights to adapt (default: WORK_DIR/final/global.safetensors)")  # fmt: skip
+    own.add_argument("--steps", type=int, default=40)
+    own.add_argument("--mode", choices=("full", "lora"), default="full")
+    own.add_argument(
+        "--lr", type=float, default=None, help="peak lr (default: the inner lr; LoRA 3x)"
+    )
+    own.add_argument("--lora-rank", type=int, default=8)
+    own.add_argument("--out", type=Path, default=None,
+                     help="default: WORK_DIR/final/personalised.safetensors")  # fmt: skip
+    own.set_defaults(func=cmd_node_personalise)
 
 
 # ---- certificate authority --------------------------------------------------------------------
@@ -477,7 +501,8 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
 def cmd_node_join(args: argparse.Namespace) -> int:
     from node.participant import load_node_config
 
-    flags = (*NODE_FLAGS, "reset_inner_optimizer", "save_deltas", "save_round_state", "insecure")
+    flags = (*NODE_FLAGS, "reset_inner_optimizer", "save_deltas", "save_round_state", "insecure",
+             "personalise_mode", "score_global")  # fmt: skip
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     cfg = load_node_config(args.config, {**overrides, **launch_flags(args)})
     if cfg.launch.ranks > 1 and "LOCAL_RANK" not in os.environ:
@@ -495,6 +520,44 @@ def cmd_node_join(args: argparse.Namespace) -> int:
         Participant(cfg, env).run()
     finally:
         shutdown_distributed()
+    return 0
+
+
+def cmd_node_personalise(args: argparse.Namespace) -> int:
+    from model.io import load_model, save_model, write_json_atomic
+    from model.tokenizer import load_tokenizer
+    from model.train_config import TrainConfig
+    from node.checkpoint import latest_checkpoint, read_state
+    from node.local_training import load_splits
+    from node.parallel import DistEnv
+    from node.personalise import PersonaliseConfig, PersonaliseError, personalise
+
+    try:
+        pcfg = PersonaliseConfig(args.steps, args.mode, args.lr, args.lora_rank)
+    except PersonaliseError as e:
+        raise UsageError(str(e)) from e
+    if pcfg.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    found = latest_checkpoint(args.work_dir / "checkpoints")
+    if found is None:
+        raise UsageError(f"{args.work_dir} holds no round state: is it a node's --work-dir?")
+    state = read_state(found)
+    inner = TrainConfig.from_dict(state["train_config"])
+    model_path = args.model or args.work_dir / "final" / "global.safetensors"
+    model, tokenizer_spec = load_model(model_path)  # CheckpointError: one line
+    if model.config.to_dict() != state["model_config"] or tokenizer_spec != state["tokenizer"]:
+        raise UsageError(
+            f"{model_path} is not this federation's model (config or tokenizer differ)"
+        )
+    tokenizer = load_tokenizer(tokenizer_spec, args.tokenizer)
+    train, val = load_splits(args.data, tokenizer, DistEnv(), print)
+    result = personalise(model, train, val, inner, pcfg, start_step=state["step"])
+    out = args.out or args.work_dir / "final" / "personalised.safetensors"
+    save_model(result.model, out, tokenizer_spec=tokenizer_spec)
+    write_json_atomic(out.with_suffix(".json"), {"model": str(model_path), **result.report()})
+    print(f"{model_path}: val loss {result.global_val_loss:.4f}; personalised ({pcfg.mode}, "
+          f"{pcfg.steps} steps, lr {result.lr:g}, {result.trainable_params:,} trainable weights, "
+          f"{result.seconds:.1f}s): val loss {result.val_loss:.4f}; written to {out}")  # fmt: skip
     return 0
 
 
@@ -524,6 +587,9 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
                    help="nesterov's momentum μ (default 0.9)")  # fmt: skip
     p.add_argument("--reset-inner-optimizer", action="store_true",
                    help="nodes start every round with fresh inner AdamW moments (default: kept)")  # fmt: skip
+    p.add_argument("--proximal-mu", type=float, default=0.0,
+                   help="FedProx: each inner step is pulled towards the round's global model "
+                        "with strength μ (default 0: off)")  # fmt: skip
     p.add_argument("--min-nodes", type=int, default=None, help="quorum (default: all nodes)")
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--nproc-per-node", type=int, default=1)
@@ -533,6 +599,12 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
                         "bf16, int8; secure masked-int32, masked-int16, masked-int8")  # fmt: skip
     p.add_argument("--download-encoding", choices=PLAIN_ENCODINGS, default="int8",
                    help="fp32: nodes pull the whole model; bf16/int8: the compressed outer update")  # fmt: skip
+    p.add_argument("--personalise-steps", type=int, default=None,
+                   help="each node adapts the final model on its own data for this many steps "
+                        "(default: H; 0: none)")  # fmt: skip
+    p.add_argument("--personalise-mode", choices=("full", "lora"), default="full")
+    p.add_argument("--no-alone", dest="compare_alone", action="store_false",
+                   help="skip training each organisation alone for the closing comparison")  # fmt: skip
     p.add_argument("--out", type=Path, help="run folder (default: runs/sim-TIMESTAMP)")
     p.set_defaults(func=cmd_simulate)
 
@@ -544,9 +616,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         nodes=args.nodes, rounds=args.rounds, preset=args.preset,
         data=[d for d in (args.data or "").split(",") if d], inner_steps=args.inner_steps,
         outer=args.outer, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
-        reset_inner_optimizer=args.reset_inner_optimizer, min_nodes=args.min_nodes, round_timeout=args.round_timeout,
+        reset_inner_optimizer=args.reset_inner_optimizer, proximal_mu=args.proximal_mu, min_nodes=args.min_nodes, round_timeout=args.round_timeout,
         nproc_per_node=args.nproc_per_node, seed=args.seed, delta_encoding=args.delta_encoding,
-        download_encoding=args.download_encoding, out=args.out,
+        download_encoding=args.download_encoding, personalise_steps=args.personalise_steps,
+        personalise_mode=args.personalise_mode, compare_alone=args.compare_alone, out=args.out,
     )  # fmt: skip
     return 0 if simulate(options) else 1
 

@@ -3,9 +3,14 @@
 It writes an aggregator.toml, starts `fedpt aggregator serve` and N `fedpt node join` processes
 on 127.0.0.1 (real gRPC, real training), and watches the aggregator's database: each time a
 round ends it evaluates the new global model on the held-out validation splits of every node's
-data and prints a row. Everything lands in one run folder:
+data and prints a row. When the federation ends, each node scores the final model on its own
+validation split and personalises it (`--personalise-steps`), and one `fedpt train` per
+organisation trains that organisation alone for as many steps as its node spent in total (the
+rounds plus personalisation: the same tokens). The closing table says, per organisation, whether
+the federation paid off. Everything lands in one run folder:
 
-  aggregator.toml, aggregator/ (fedpt.db, checkpoints/, uploads/), nodes/NAME/ (round logs),
+  aggregator.toml, aggregator/ (fedpt.db, checkpoints/, uploads/), nodes/NAME/ (round logs,
+  final/: the final and personalised models), alone/NAME/ (each organisation alone),
   logs/*.log (every process's output), rounds.csv, summary.json
 """
 
@@ -31,14 +36,17 @@ from aggregator.checkpoints import CheckpointStore
 from aggregator.handlers import SERVICE_NAME
 from aggregator.outer import OuterConfig, OuterConfigError
 from aggregator.store import Store
+from fedpt import payoff
 from model.config import ModelConfig
 from model.gpt import GPT
-from model.io import load_weights_into
+from model.io import load_model, load_weights_into
 from model.tokenizer import ByteTokenizer
+from model.train_config import TrainConfig, TrainConfigError
 from node.builtin_corpus import list_organisations
 from node.evaluation import mean_loss
 from node.local_training import cache_dir
 from node.parallel import DistEnv
+from node.personalise import PersonaliseConfig, PersonaliseError
 from node.shards import TokenShards, prepare_data
 from protos import pki
 
@@ -62,13 +70,21 @@ class SimulationOptions:
     outer_lr: float | None = None
     outer_momentum: float | None = None  # nesterov μ (default: aggregator/outer.py's)
     reset_inner_optimizer: bool = False  # nodes start each round with fresh AdamW moments
+    proximal_mu: float = 0.0  # FedProx term of the inner loop ([train] proximal_mu)
     min_nodes: int | None = None
     round_timeout: float = 600.0
     nproc_per_node: int = 1
     seed: int = 0
     delta_encoding: str = "auto"  # auto = secure aggregation (masked-int16); protos.delta_encoding
     download_encoding: str = "int8"  # int8/bf16: compressed outer updates; fp32: whole models
+    personalise_steps: int | None = None  # per node when the federation ends; None: H
+    personalise_mode: str = "full"  # full | lora (node/personalise.py)
+    compare_alone: bool = True  # train each organisation alone, the same tokens, and compare
     out: Path | None = None
+
+    @property
+    def personalisation_steps(self) -> int:
+        return self.inner_steps if self.personalise_steps is None else self.personalise_steps
 
 
 @dataclass
@@ -136,6 +152,9 @@ start_grace_seconds = 2.0
 [outer]
 name = "{opts.outer}"
 {outer_settings}
+[train]
+proximal_mu = {opts.proximal_mu}
+
 [store]
 state_dir = "{run / "aggregator"}"
 """
@@ -152,6 +171,14 @@ class Simulation:
             raise SimulationError(f"{self.run} is not empty; choose another --out")
         if opts.nodes < 1 or opts.rounds < 1 or opts.inner_steps < 1:
             raise SimulationError("--nodes, --rounds and --inner-steps must be at least 1")
+        try:
+            TrainConfig(proximal_mu=opts.proximal_mu)
+        except TrainConfigError as e:
+            raise SimulationError(f"--proximal-mu: {e}") from e
+        try:
+            PersonaliseConfig(opts.personalisation_steps, opts.personalise_mode)
+        except PersonaliseError as e:
+            raise SimulationError(str(e).replace("personalise_", "--personalise-")) from e
         try:  # refused here, before any process starts, as the aggregator would refuse it
             OuterConfig(opts.outer, opts.outer_lr,
                         **({} if opts.outer_momentum is None else {"momentum": opts.outer_momentum}))  # fmt: skip
@@ -231,9 +258,7 @@ class Simulation:
     def _global_val_loss(
         self, version: int, model_config: ModelConfig, val_sets: list[TokenShards]
     ) -> float:
-        params, _, _ = CheckpointStore(self.run / "aggregator" / "checkpoints").read(version)
-        model = GPT(model_config)
-        load_weights_into(model, params, source=f"global model v{version}")
+        model = self._global_model(version, model_config)
         losses = [
             mean_loss(
                 model,
@@ -266,10 +291,16 @@ class Simulation:
                     "--organisation", name,
                     "--work-dir", str(self.run / "nodes" / name), "--nproc-per-node", str(self.opts.nproc_per_node)]  # fmt: skip
             args += ["--reset-inner-optimizer"] if self.opts.reset_inner_optimizer else []
+            args += ["--personalise-steps", str(self.opts.personalisation_steps),
+                     "--personalise-mode", self.opts.personalise_mode]  # fmt: skip
             proc, log_path = self._spawn(args, f"node-{name}")
             nodes.append(NodeProcess(name, source, proc, log_path))
         self.log(f"simulation: aggregator on {address}, {len(nodes)} nodes, run folder {self.run}")
-        return self._watch(aggregator, agg_log, nodes, val_sets)
+        summary = self._watch(aggregator, agg_log, nodes, val_sets)
+        if self.opts.compare_alone:
+            summary.update(self._compare_with_alone(val_sets))
+            (self.run / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
 
     def _watch(
         self, aggregator, agg_log: Path, nodes: list[NodeProcess], val_sets: list[TokenShards]
@@ -314,6 +345,89 @@ class Simulation:
         finally:
             store.close()
         return self._summary(initial, rows)
+
+    # ---- does it pay off for every organisation? ----------------------------------------------
+    def _compare_with_alone(self, val_sets: list[TokenShards]) -> dict:
+        """Train each organisation alone at its tokens (rounds plus personalisation), then
+        print its global, personalised and alone models side by side (fedpt/payoff.py)."""
+        store = Store(f"sqlite:///{(self.run / 'aggregator' / 'fedpt.db').resolve()}")
+        try:
+            fid, spec_json, _ = store.find_federation("simulation")
+            organisation_of = {n.id: n.organisation for n in store.nodes(fid)}
+            reported = payoff.reported_losses(
+                store.metrics(fid), store.rounds(fid), organisation_of
+            )
+        finally:
+            store.close()
+        spec = json.loads(spec_json)
+        model_config = ModelConfig.from_dict(json.loads(spec["model_config_json"]))
+        train_config = TrainConfig.from_dict(json.loads(spec.get("train_config_json") or "{}"))
+        orgs = []
+        for name, source in self.sources:
+            org = payoff.Organisation(name, source, reported.get(name, {}))
+            final = payoff.read_final_report(self.run / "nodes" / name)
+            org.final_version, org.final_global = final.get("version"), final.get("global_val_loss")
+            org.personalised = (final.get("personalised") or {}).get("val_loss")
+            orgs.append(org)
+        h, p = self.opts.inner_steps, self.opts.personalisation_steps
+        rounds_steps = max((o.final_version or 0 for o in orgs), default=0) * h
+        total = rounds_steps + p
+        # Evaluate every H steps (and at the end): the curve the per-round table compares with.
+        alone_config = TrainConfig.from_dict(
+            {**train_config.to_dict(), "eval_every": h, "steps": total}
+        )
+        config_path = payoff.write_train_config(
+            self.run / "alone" / "train.toml", model_config, alone_config
+        )
+        self.log(f"training each organisation alone for {total} steps ({rounds_steps} as in the rounds "
+                 f"+ {p} as in personalisation: the tokens its node spent)")  # fmt: skip
+        payoff.train_alone(orgs, config_path, total, self.opts.seed, self.run / "alone", self._spawn,
+                           parallel=max(1, min(len(orgs), os.cpu_count() or 1)))  # fmt: skip
+        score = lambda m: [mean_loss(m, d, seq_len=EVAL_SEQ_LEN, batch_size=EVAL_BATCH,  # noqa: E731
+                                     max_batches=EVAL_BATCHES, env=DistEnv()) for d in val_sets]  # fmt: skip
+        final_version = max(
+            (o.final_version for o in orgs if o.final_version is not None), default=None
+        )
+        union_global = (
+            payoff.union_loss(self._global_model(final_version, model_config), score)
+            if final_version is not None else math.nan
+        )  # fmt: skip
+        for org in orgs:
+            alone_model, _ = load_model(self.run / "alone" / org.name / "model.safetensors")
+            org.alone_union = payoff.union_loss(alone_model, score)
+        self._print_payoff(orgs, h, total, union_global)
+        return {"alone_steps": total, "union_global_val_loss": union_global,
+                "organisations": {o.name: o.as_dict() for o in orgs}}  # fmt: skip
+
+    def _print_payoff(self, orgs: list, h: int, total: int, union_global: float) -> None:
+        names = [o.name for o in orgs]
+        self.log("")
+        self.log("each organisation's validation loss on its own data: global model (as its node "
+                 "reported it) / that organisation alone after as many steps; + where the "
+                 "federation is better")  # fmt: skip
+        self._table(["version", "steps", *names], payoff.per_round_rows(orgs, h))
+        self.log("")
+        self.log(f"at equal tokens per organisation ({total} steps each): alone, the final global "
+                 "model, and the global model personalised on the organisation's own data")  # fmt: skip
+        self._table(["organisation", "alone", "global", "personalised", "global better",
+                     "personalised better"], payoff.verdict_rows(orgs, total))  # fmt: skip
+        beaten = [
+            o.name for o in orgs if o.alone_union is not None and union_global < o.alone_union
+        ]
+        self.log(f"on the union of every organisation's validation data: global {payoff.fmt(union_global)}; "
+                 + ", ".join(f"{o.name} alone {payoff.fmt(o.alone_union)}" for o in orgs)
+                 + f"; the global model beats {len(beaten)} of {len(orgs)} alone models")  # fmt: skip
+
+    def _table(self, header: list[str], rows: list[list[str]]) -> None:
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        for r in [header, *rows]:
+            self.log("  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)))
+
+    def _global_model(self, version: int, model_config: ModelConfig) -> GPT:
+        params, _, _ = CheckpointStore(self.run / "aggregator" / "checkpoints").read(version)
+        model = GPT(model_config)
+        load_weights_into(model, params, source=f"global model v{version}")
+        return model
 
     def _row(self, store, fid, r, names, nodes, model_config, val_sets) -> dict:
         metrics = [m for m in store.metrics(fid) if m.round_number == r.number]

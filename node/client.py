@@ -87,9 +87,9 @@ class AggregatorClient:
         self._metadata = ((SESSION_METADATA, reply.session_token),)
         return reply
 
-    def get_task(self, wait_seconds: float = 10.0) -> pb.Task:
+    def get_task(self, wait_seconds: float = 10.0, *, final_model: bool = False) -> pb.Task:
         return self.stub.GetTask(
-            pb.TaskRequest(wait_seconds=wait_seconds),
+            pb.TaskRequest(wait_seconds=wait_seconds, final_model=final_model),
             metadata=self._metadata,
             timeout=wait_seconds + self.rpc_timeout,
         )
@@ -228,6 +228,7 @@ class AggregatorClient:
         train_loss: float,
         *,
         chunk_bytes: int | None = None,
+        base_val_loss: float | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> pb.PushReply:
         """Send this round's delta as fp32 tensors (see `push_payload`)."""
@@ -235,7 +236,7 @@ class AggregatorClient:
             delta, chunk_bytes or (self.spec.chunk_bytes if self.spec else DEFAULT_CHUNK_BYTES)
         )
         return self.push_payload(round_number, base_version, payload, num_tokens, train_loss,
-                                 progress=progress)  # fmt: skip
+                                 base_val_loss=base_val_loss, progress=progress)  # fmt: skip
 
     def push_payload(
         self,
@@ -245,14 +246,17 @@ class AggregatorClient:
         num_tokens: int,
         train_loss: float,
         *,
+        base_val_loss: float | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> pb.PushReply:
         """Send an encoded update; after a broken stream, ask where the server is and resume.
+        `base_val_loss`: this node's validation loss of the model it trained from.
         `progress(n)` after each chunk handed to the transport."""
         first = 0
         for attempt in range(1, self.attempts + 1):
             header = pb.UpdateHeader(round=round_number, base_version=base_version,
-                                     num_tokens=num_tokens, train_loss=train_loss)  # fmt: skip
+                                     num_tokens=num_tokens, train_loss=train_loss,
+                                     base_val_loss=base_val_loss)  # fmt: skip
             try:
                 reply = self.stub.PushUpdate(
                     _counting_chunks(update_messages(header, payload, first), progress),

@@ -12,6 +12,7 @@ reconnects with exponential backoff, for up to `reconnect_timeout_seconds`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,7 +28,14 @@ import torch
 from model.config import ConfigError, ModelConfig, dataclass_from_dict
 from model.delta import pseudo_gradient
 from model.gpt import GPT
-from model.io import map_float32_tensors, model_state, save_tensors_atomic
+from model.io import (
+    load_weights_into,
+    map_float32_tensors,
+    model_state,
+    save_model,
+    save_tensors_atomic,
+    write_json_atomic,
+)
 from model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from model.train_config import TrainConfig
 from node.checkpoint import prune_checkpoints
@@ -35,6 +43,12 @@ from node.client import AggregatorClient
 from node.local_training import load_splits
 from node.metrics import MetricsLog
 from node.parallel import DistEnv, Launch, barrier, broadcast_bytes, broadcast_tensors
+from node.personalise import (
+    PersonaliseConfig,
+    PersonaliseError,
+    personalise,
+    validation_loss,
+)
 from node.secure_aggregation import NodeSecAgg, SecAggRefused
 from node.trainer import Trainer
 from protos import crash_points, pki
@@ -70,6 +84,15 @@ class NodeConfig:
     node_rank: int | None = None  # host 0 holds global rank 0, the one that talks to the aggregator
     rdzv_endpoint: str = ""  # HOST:PORT on host 0
     reset_inner_optimizer: bool = False  # default: AdamW moments carry over between rounds
+    # Score each global model pulled on the private validation split and send the scalar with
+    # the update: the aggregator keeps it per organisation and round.
+    score_global: bool = True
+    # When the federation ends: the final global model adapted on this node's private data for
+    # this many steps (node/personalise.py), kept in work_dir/final/; 0: none.
+    personalise_steps: int = 0
+    personalise_mode: str = "full"  # full | lora
+    personalise_lr: float | None = None  # default: the inner lr (LoRA: 3x it)
+    lora_rank: int = 8
     poll_seconds: float = 10.0  # long-poll length per GetTask
     reconnect_timeout_seconds: float = 300.0  # give up after the aggregator is away this long
     save_deltas: bool = False  # audit trail: every pushed delta in work_dir/deltas/
@@ -94,6 +117,20 @@ class NodeConfig:
             raise NodeConfigError(
                 "nproc_per_node ≥ 1, poll_seconds > 0, reconnect_timeout_seconds > 0"
             )
+        try:
+            _ = self.personalisation
+        except PersonaliseError as e:
+            raise NodeConfigError(str(e)) from e
+
+    @property
+    def personalisation(self) -> PersonaliseConfig:
+        return PersonaliseConfig(self.personalise_steps, self.personalise_mode,
+                                 self.personalise_lr, self.lora_rank)  # fmt: skip
+
+    @property
+    def wants_final_model(self) -> bool:
+        """Whether the node pulls the final global model when the federation ends."""
+        return self.score_global or self.personalise_steps > 0
 
     @property
     def launch(self) -> Launch:
@@ -129,6 +166,7 @@ class RoundRecord:
     train_loss: float
     tokens: int
     pushed: bool
+    base_val_loss: float | None = None  # the pulled global model on the validation split
 
 
 class Participant:
@@ -231,6 +269,7 @@ class Participant:
                 kind, round_number, version = self._next_task()
                 if kind == pb.Task.STOP:
                     self.log("the federation has finished")
+                    self._finish(trainer, spec, version)
                     return records
                 record = self._train_round(trainer, spec, round_number, version)
                 record.wait_seconds = (
@@ -268,19 +307,21 @@ class Participant:
     def _local_round(
         self, trainer: Trainer, spec: pb.FederationSpec, round_number: int, version: int,
         global_weights: dict[str, torch.Tensor],
-    ) -> float:  # fmt: skip
+    ) -> tuple[float, float | None]:  # fmt: skip
         """Train the round's H inner steps from the global model, and keep the result so that a
-        restarted process can push it without training again; the mean training loss. The data
-        position and schedule follow the model version, so training a version again (after a
-        restart or a failed round) repeats the same steps exactly."""
+        restarted process can push it without training again; (the mean training loss, the
+        global model's validation loss before training). The data position and schedule follow
+        the model version, so training a version again (after a restart or a failed round)
+        repeats the same steps exactly."""
         kept = self.trained
         self.trained = None
         if kept is not None and (kept["round"], kept["version"]) == (round_number, version):
             self.log(f"round {round_number}: pushing the update trained before the restart")
-            return float(kept["train_loss"])
+            return float(kept["train_loss"]), kept.get("base_val_loss")
         if version in self.trained_versions:
             self._state_before(trainer, version)  # that round failed: this one replaces it
         trainer.load_global(global_weights)
+        base_val_loss = trainer.evaluate() if self.cfg.score_global else None
         if self.cfg.reset_inner_optimizer:
             trainer.reset_optimizer()
         trainer.seek(version * spec.inner_steps)
@@ -295,11 +336,11 @@ class Participant:
         self.trained_versions.add(version)
         if self.cfg.save_round_state:
             kept = {"federation": self.federation_id, "round": round_number, "version": version,
-                    "train_loss": train_loss}  # fmt: skip
+                    "train_loss": train_loss, "base_val_loss": base_val_loss}  # fmt: skip
             trainer.save_checkpoint(kept)
             if self.env.is_main:  # the last two: this round's, and the state before it
                 prune_checkpoints(trainer.checkpoint_root(), keep_latest=2)
-        return train_loss
+        return train_loss, base_val_loss
 
     def _state_before(self, trainer: Trainer, version: int) -> None:
         """Go back to the inner state this node had before it first trained `version` (whose
@@ -326,7 +367,10 @@ class Participant:
             while True:
                 try:
                     reply = self._reconnecting(
-                        lambda: self.client.get_task(self.cfg.poll_seconds), "get a task"
+                        lambda: self.client.get_task(
+                            self.cfg.poll_seconds, final_model=self.cfg.wants_final_model
+                        ),
+                        "get a task",
                     )
                 except grpc.RpcError as e:
                     if e.code() not in RECONNECT_CODES or not self._final_round_done():
@@ -335,7 +379,7 @@ class Participant:
                         f"the aggregator is gone after the final round ({self.total_rounds}) "
                         "this node took part in; finishing"
                     )
-                    task = (pb.Task.STOP, 0, 0)
+                    task = (pb.Task.STOP, 0, -1)  # -1: no final model to pull
                     break
                 if (
                     reply.kind in (pb.Task.TRAIN, *SECAGG_STAGES)
@@ -373,23 +417,80 @@ class Participant:
             return RoundRecord(round_number, version, 0.0, time.perf_counter() - t0, 0.0, 0.0,
                                math.nan, 0, False)  # fmt: skip
         t1 = time.perf_counter()
-        train_loss = self._local_round(trainer, spec, round_number, version, global_weights)
+        train_loss, base_val_loss = self._local_round(
+            trainer, spec, round_number, version, global_weights
+        )
         t2 = time.perf_counter()
         local = trainer.full_weights()
         tokens = spec.inner_steps * trainer.cfg.tokens_per_step(self.env.world_size)
         pushed = True
         if self.env.is_main:
             delta = pseudo_gradient(global_weights, local)
-            pushed = self._push(round_number, version, delta, tokens, train_loss)
+            pushed = self._push(round_number, version, delta, tokens, train_loss, base_val_loss)
         barrier(self.env)
         t3 = time.perf_counter()
+        scored = (
+            "" if base_val_loss is None else f"version {version} val loss {base_val_loss:.4f}, "
+        )
         self.log(
-            f"round {round_number}: trained {spec.inner_steps} steps from version {version}, "
-            f"loss {train_loss:.4f}, pull {t1 - t0:.1f}s train {t2 - t1:.1f}s push {t3 - t2:.1f}s"
+            f"round {round_number}: {scored}trained {spec.inner_steps} steps from version "
+            f"{version}, loss {train_loss:.4f}, pull {t1 - t0:.1f}s train {t2 - t1:.1f}s push "
+            f"{t3 - t2:.1f}s"
         )
-        return RoundRecord(
-            round_number, version, 0.0, t1 - t0, t2 - t1, t3 - t2, train_loss, tokens, pushed
-        )
+        return RoundRecord(round_number, version, 0.0, t1 - t0, t2 - t1, t3 - t2, train_loss,
+                           tokens, pushed, base_val_loss)  # fmt: skip
+
+    # ---- the end of the federation ---------------------------------------------------------------
+    def _finish(self, trainer: Trainer, spec: pb.FederationSpec, version: int) -> None:
+        """Pull the final global model (rank 0), score it on the validation split, personalise
+        it if asked, and keep both in work_dir/final/ with report.json (collective)."""
+        if not self.cfg.wants_final_model or version < 0:
+            return
+        if self.env.is_main:
+            weights = None
+            try:
+                weights = self._fetch_global(self.total_rounds, version)
+            except grpc.RpcError as e:  # the end of the federation: no retries, just say so
+                self.log(f"the final model v{version} could not be pulled ({e.code().name}): "
+                         "it is not scored or personalised here")  # fmt: skip
+            finally:
+                # Tell the aggregator this node has what it needs: it may shut down.
+                with contextlib.suppress(grpc.RpcError):
+                    self.client.get_task(0.0)
+            if weights is not None:
+                self._final_report(trainer, spec, version, weights)
+        barrier(self.env)
+
+    def _final_report(
+        self, trainer: Trainer, spec: pb.FederationSpec, version: int, weights: dict
+    ) -> dict:
+        """Score the final model on this node's validation split (and personalise it), on
+        rank 0's device; writes work_dir/final/{global,personalised}.safetensors, report.json."""
+        final_dir = self.work_dir / "final"
+        model = GPT(trainer.model_config)
+        load_weights_into(model, weights, source=f"global model v{version}")
+        save_model(model, final_dir / "global.safetensors", tokenizer_spec=trainer.tokenizer_spec)
+        one = DistEnv(device=self.env.device)
+        report: dict = {"federation": self.federation_id, "version": version,
+                        "organisation": self.cfg.organisation_name}  # fmt: skip
+        pcfg = self.cfg.personalisation
+        if pcfg.steps > 0:
+            result = personalise(model, trainer.train_data, trainer.val_data, trainer.cfg, pcfg,
+                                 start_step=version * spec.inner_steps, env=one)  # fmt: skip
+            save_model(result.model, final_dir / "personalised.safetensors",
+                       tokenizer_spec=trainer.tokenizer_spec)  # fmt: skip
+            report["global_val_loss"] = result.global_val_loss
+            report["personalised"] = result.report()
+            self.log(f"final model v{version}: val loss {result.global_val_loss:.4f}; personalised "
+                     f"({pcfg.mode}, {pcfg.steps} steps, {result.seconds:.1f}s): val loss "
+                     f"{result.val_loss:.4f}")  # fmt: skip
+        else:
+            report["global_val_loss"] = validation_loss(
+                model.to(one.device), trainer.val_data, trainer.cfg, one
+            )
+            self.log(f"final model v{version}: val loss {report['global_val_loss']:.4f}")
+        write_json_atomic(final_dir / "report.json", report)
+        return report
 
     def _secagg_stage(self, task: pb.Task) -> None:
         """A key-exchange or unmasking step (rank 0 only; the other ranks wait for TRAIN)."""
@@ -459,7 +560,10 @@ class Participant:
         return self.client.pull_model(version, expected=self.model_specs, progress=progress,
                                       into=into)  # fmt: skip
 
-    def _push(self, round_number: int, version: int, delta: dict, tokens: int, loss: float) -> bool:
+    def _push(
+        self, round_number: int, version: int, delta: dict, tokens: int, loss: float,
+        base_val_loss: float | None = None,
+    ) -> bool:  # fmt: skip
         if self.cfg.save_deltas:
             path = self.work_dir / "deltas" / f"round_{round_number:08d}.safetensors"
             save_tensors_atomic(delta, path, {"round": str(round_number), "base_version": str(version),
@@ -471,7 +575,7 @@ class Participant:
             payload = self._encode(round_number, version, delta, tokens)
             self._reconnecting(
                 lambda: self.client.push_payload(
-                    round_number, version, payload, tokens, loss,
+                    round_number, version, payload, tokens, loss, base_val_loss=base_val_loss,
                     progress=lambda _n: crash_points.reached("node.upload", round_number),
                 ),
                 "push",

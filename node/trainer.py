@@ -66,6 +66,16 @@ RESUME_MUST_MATCH = (
 )
 
 
+def add_proximal_gradient_(
+    params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float
+) -> None:
+    """grad ← grad + μ·(θ − θ_anchor) for every parameter with a gradient: the gradient of
+    the FedProx term μ/2·‖θ − θ_anchor‖²."""
+    for p, anchor in zip(params, anchors, strict=True):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - anchor, alpha=mu)
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on: the loss diverged, or a checkpoint does not match this run."""
 
@@ -136,6 +146,8 @@ class Trainer:
         self.tokens_seen = 0
         self.last_log: StepLog | None = None
         self.last_eval: tuple[int, float] | None = None  # (step, validation loss)
+        # The round's global weights, for the proximal term (set by load_global when μ > 0).
+        self._anchor: list[torch.Tensor] | None = None
 
     # ---- data ---------------------------------------------------------------------------------
     @property
@@ -172,6 +184,10 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.env.device)
         for micro_step in range(self.cfg.grad_accum):
             loss_sum += self._micro_step(micro_step, sync=micro_step == self.cfg.grad_accum - 1)
+        if self._anchor is not None:  # after the gradients are synchronised: the same on all ranks
+            add_proximal_gradient_(
+                list(self.model.parameters()), self._anchor, self.cfg.proximal_mu
+            )
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -357,6 +373,8 @@ class Trainer:
             raise TrainingError(
                 f"global model does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
+        if self.cfg.proximal_mu > 0:  # sharded like the parameters under FSDP
+            self._anchor = [p.detach().clone() for p in self.model.parameters()]
 
     def full_weights(self) -> dict[str, torch.Tensor]:
         """The local model's full weights on the CPU (collective under FSDP)."""

@@ -74,10 +74,12 @@ class JoinReply(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ..., spec: _Optional[_Union[FederationSpec, _Mapping]] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("wait_seconds",)
+    __slots__ = ("wait_seconds", "final_model")
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_MODEL_FIELD_NUMBER: _ClassVar[int]
     wait_seconds: float
-    def __init__(self, wait_seconds: _Optional[float] = ...) -> None: ...
+    final_model: bool
+    def __init__(self, wait_seconds: _Optional[float] = ..., final_model: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("kind", "round", "model_version", "deadline_unix", "retry_after_seconds", "message")
@@ -168,20 +170,22 @@ class ModelStreamMessage(_message.Message):
     def __init__(self, manifest: _Optional[_Union[TensorManifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "base_version", "manifest", "num_tokens", "train_loss", "first_chunk")
+    __slots__ = ("round", "base_version", "manifest", "num_tokens", "train_loss", "first_chunk", "base_val_loss")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    BASE_VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     round: int
     base_version: int
     manifest: TensorManifest
     num_tokens: int
     train_loss: float
     first_chunk: int
-    def __init__(self, round: _Optional[int] = ..., base_version: _Optional[int] = ..., manifest: _Optional[_Union[TensorManifest, _Mapping]] = ..., num_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., first_chunk: _Optional[int] = ...) -> None: ...
+    base_val_loss: float
+    def __init__(self, round: _Optional[int] = ..., base_version: _Optional[int] = ..., manifest: _Optional[_Union[TensorManifest, _Mapping]] = ..., num_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., first_chunk: _Optional[int] = ..., base_val_loss: _Optional[float] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
     __slots__ = ("header", "chunk")

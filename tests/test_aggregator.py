@@ -119,9 +119,10 @@ def test_round_lifecycle_commits_the_weighted_mean(
     global0 = a.pull_model(0)
     torch.testing.assert_close(global0, agg.coordinator.params, atol=0, rtol=0)
     local_a, local_b = local_params(global0, 1), local_params(global0, 2)
-    for client, local, tokens in ((a, local_a, 3000), (b, local_b, 1000)):
+    for client, local, tokens, score in ((a, local_a, 3000, 5.25), (b, local_b, 1000, None)):
         delta = {k: global0[k] - local[k] for k in global0}
-        reply = client.push_update(0, 0, delta, num_tokens=tokens, train_loss=2.0)
+        reply = client.push_update(0, 0, delta, num_tokens=tokens, train_loss=2.0,
+                                   base_val_loss=score)  # fmt: skip
         assert reply.complete
     wait_for_version(agg, 1)
     # FedAvg with lr 1: the token-weighted mean of the local models.
@@ -139,6 +140,9 @@ def test_round_lifecycle_commits_the_weighted_mean(
         (m.node_id, m.name): m.value for m in agg.store.metrics(agg.coordinator.federation_id)
     }
     assert metrics[(None, "nodes")] == 2.0
+    # Each node's score of the round's base model on its own validation split, if it sent one.
+    assert metrics[(a.node_id, "base_val_loss")] == 5.25
+    assert (b.node_id, "base_val_loss") not in metrics
 
 
 def test_nesterov_outer_step_is_predicted_exactly(tmp_path: Path, serve) -> None:
@@ -188,6 +192,10 @@ REFUSALS = {
     "wrong base version": ({"base_version": 3}, None, None, grpc.StatusCode.INVALID_ARGUMENT, "trains from version 0"),
     "zero tokens": ({"num_tokens": 0}, None, None, grpc.StatusCode.INVALID_ARGUMENT, "num_tokens"),
     "nan loss": ({"train_loss": float("nan")}, None, None, grpc.StatusCode.INVALID_ARGUMENT, "train_loss"),
+    "inf validation loss": ({"base_val_loss": float("inf")}, None, None, grpc.StatusCode.INVALID_ARGUMENT,
+                            "base_val_loss"),
+    "negative validation loss": ({"base_val_loss": -0.5}, None, None, grpc.StatusCode.INVALID_ARGUMENT,
+                                 "base_val_loss"),
     "wrong shapes": ({}, lambda g: encode({k: torch.zeros(3) for k in g}, CHUNK), None,
                      grpc.StatusCode.INVALID_ARGUMENT, "shape"),
     "wrong dtype": ({}, lambda g: encode({k: v.half() for k, v in g.items()}, CHUNK), None,
@@ -421,3 +429,36 @@ def test_finished_aggregator_lingers_until_every_node_has_seen_stop(tmp_path: Pa
     assert b.get_task(wait_seconds=0).kind == pb.Task.STOP
     lingering.join(timeout=5)
     assert not lingering.is_alive(), "every node saw STOP, yet the aggregator lingers"
+
+
+def test_a_node_that_asks_for_the_final_model_is_served_it_before_the_aggregator_stops(
+    tmp_path: Path, serve
+) -> None:
+    from aggregator.server import _linger
+
+    config = make_config(tmp_path)
+    config = dataclasses.replace(
+        config,
+        federation=dataclasses.replace(config.federation, rounds=1),
+        server=dataclasses.replace(config.server, stop_linger_seconds=60.0),
+    )
+    agg = serve(config)
+    a, b = join(agg, "acme", "globex")
+    train_tasks([a, b])
+    global0 = a.pull_model(0)
+    for seed, client in enumerate((a, b)):
+        delta = {k: global0[k] - v for k, v in local_params(global0, seed).items()}
+        assert client.push_update(0, 0, delta, num_tokens=100, train_loss=2.0).complete
+    wait_for_version(agg, 1)
+    lingering = threading.Thread(target=_linger, args=(agg.coordinator, threading.Event()))
+    lingering.start()
+    assert b.get_task(wait_seconds=0).kind == pb.Task.STOP
+    stop = a.get_task(wait_seconds=0, final_model=True)
+    assert stop.kind == pb.Task.STOP and stop.model_version == 1
+    # Every node has heard STOP, but acme is still pulling the final model: stay up for it.
+    lingering.join(timeout=1.5)
+    assert lingering.is_alive(), "the aggregator stopped while a node pulled the final model"
+    torch.testing.assert_close(a.pull_model(1), agg.coordinator.params, atol=0, rtol=0)
+    assert a.get_task(wait_seconds=0).kind == pb.Task.STOP  # "I have it"
+    lingering.join(timeout=5)
+    assert not lingering.is_alive(), "every node has what it needs, yet the aggregator lingers"

@@ -119,6 +119,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> dict:
         cmd = [sys.executable, "-m", "fedpt", "node", "join", "--insecure", "--aggregator", f"127.0.0.1:{port}",
                "--data", str(corpora[org]), "--organisation", org, "--work-dir", str(root / org),
                "--save-deltas", "--poll-seconds", "1"]  # fmt: skip
+        if org == "acme":  # globex only scores the final model
+            cmd += ["--personalise-steps", "3", "--personalise-mode", "lora"]
         procs[org] = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
@@ -191,6 +193,56 @@ def test_the_node_process_reports_per_round_timings(federation: dict) -> None:
     assert all(
         r["pushed"] and r["train_seconds"] > 0 and r["tokens"] == H * 4 * 32 for r in records
     )
+
+
+def test_each_node_reports_its_private_validation_loss_of_every_global_model(
+    federation: dict,
+) -> None:
+    import json
+
+    from aggregator.store import Store
+    from model.gpt import GPT
+    from model.io import load_model, load_weights_into
+    from model.tokenizer import ByteTokenizer
+    from model.train_config import TrainConfig
+    from node.parallel import DistEnv
+    from node.personalise import validation_loss
+    from node.shards import TokenShards, prepare_data
+
+    root = federation["root"]
+    store = Store(f"sqlite:///{root / 'aggregator' / 'fedpt.db'}")
+    try:
+        fid, _, _ = store.find_federation("fed-test")
+        org_of = {n.id: n.organisation for n in store.nodes(fid)}
+        reported = {(org_of[m.node_id], m.round_number): m.value
+                    for m in store.metrics(fid) if m.name == "base_val_loss"}  # fmt: skip
+    finally:
+        store.close()
+    assert set(reported) == {(o, r) for o in ("acme", "globex") for r in range(ROUNDS)}
+    # What a node reports is its validation split scored with the inner loop's settings:
+    # recomputed here from the checkpoints, exactly.
+    inner = TrainConfig(micro_batch_size=4, seq_len=32, warmup_steps=2)
+    checkpoints = CheckpointStore(root / "aggregator" / "checkpoints")
+    for org in ("acme", "globex"):
+        shards, _ = prepare_data(str(federation["corpora"][org]), ByteTokenizer(), root / "cache")
+        val = TokenShards(shards / "val")
+        for version in range(ROUNDS + 1):
+            params, _, _ = checkpoints.read(version)
+            model = GPT(MODEL.with_vocab(ByteTokenizer().vocab_size))
+            load_weights_into(model, params)
+            expected = validation_loss(model, val, inner, DistEnv())
+            if version < ROUNDS:
+                assert reported[(org, version)] == expected, (org, version)
+            else:  # the final model: pulled after STOP, scored, kept at the node
+                report = json.loads((root / org / "final" / "report.json").read_text())
+                assert report["version"] == ROUNDS and report["global_val_loss"] == expected
+                final, _ = load_model(root / org / "final" / "global.safetensors")
+                assert all(torch.equal(final.state_dict()[k], v) for k, v in params.items())
+    personalised = json.loads((root / "acme" / "final" / "report.json").read_text())["personalised"]
+    assert personalised["mode"] == "lora" and personalised["steps"] == 3
+    assert personalised["val_loss"] < personalised["global_val_loss"]
+    assert (root / "acme" / "final" / "personalised.safetensors").is_file()
+    assert not (root / "globex" / "final" / "personalised.safetensors").exists()
 
 
 def test_a_node_waits_for_an_absent_aggregator_and_then_takes_part(tmp_path: Path) -> None:

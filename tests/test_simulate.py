@@ -32,8 +32,19 @@ def test_simulation_runs_and_the_global_validation_loss_falls(tmp_path: Path, ra
     table = proc.stdout
     assert "round" in table and "val loss" in table and "web" in table and "systems" in table
     for path in ("aggregator/fedpt.db", "aggregator.toml", "logs/aggregator.log", "logs/node-web.log",
-                 "nodes/web/rounds.jsonl", "rounds.csv"):  # fmt: skip
+                 "nodes/web/rounds.jsonl", "rounds.csv", "nodes/web/final/personalised.safetensors",
+                 "alone/web/model.safetensors"):  # fmt: skip
         assert (run / path).exists(), path
+    # The closing comparison: per organisation, at equal tokens (2 rounds x 5 + 5 personalised)
+    orgs = summary["organisations"]
+    assert summary["alone_steps"] == 15 and summary["union_global_val_loss"] > 0
+    for org in ("web", "systems"):
+        o = orgs[org]
+        assert sorted(int(v) for v in o["reported"]) == [0, 1]  # its node's score of v0 and v1
+        assert o["final_version"] == 2 and o["final_global"] < o["reported"]["0"]
+        assert o["personalised"] is not None and {int(s) for s in o["alone_curve"]} == {5, 10, 15}
+        assert o["alone_union"] > 0
+    assert "personalised better" in table and "on the union of every organisation's" in table
 
 
 def test_bad_simulation_arguments_are_one_line(tmp_path: Path) -> None:

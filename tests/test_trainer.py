@@ -13,7 +13,7 @@ from model.tokenizer import ByteTokenizer
 from model.train_config import TrainConfig, TrainConfigError
 from node.schedule import lr_at
 from node.shards import TokenShards, pack_shards
-from node.trainer import Trainer, TrainingError
+from node.trainer import Trainer, TrainingError, add_proximal_gradient_
 
 MODEL = ModelConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=160, max_seq_len=64)
 QUIET = {"log": lambda _msg: None}
@@ -168,3 +168,35 @@ def test_loading_a_global_model_keeps_inner_optimizer_state_unless_reset(shards)
     trainer.train(1)  # and training goes on from the new weights
     with pytest.raises(TrainingError, match="does not fit"):
         trainer.load_global({"bogus": torch.zeros(1)})
+
+
+def test_proximal_gradient_adds_mu_times_the_distance_to_the_anchor_exactly() -> None:
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, -4.0]))
+    p.grad = torch.tensor([0.25, 0.25, 0.0])
+    no_grad = torch.nn.Parameter(torch.tensor([7.0]))  # frozen/unused: left without a gradient
+    add_proximal_gradient_([p, no_grad], [torch.tensor([0.5, 3.0, -4.0]), torch.tensor([0.0])], 0.5)
+    assert p.grad.tolist() == [0.5, -0.25, 0.0]  # 0.25 + 0.5·(θ − θ_anchor)
+    assert no_grad.grad is None
+
+
+def test_a_proximal_term_holds_the_local_model_near_the_round_global_model(
+    shards: tuple[TokenShards, TokenShards],
+) -> None:
+    train, _ = shards
+
+    def distance_after_a_round(mu: float, from_global: bool = True) -> tuple[float, dict]:
+        trainer = make_trainer(train, steps=40, proximal_mu=mu)
+        start = {k: v.clone() for k, v in trainer.full_weights().items()}
+        if from_global:
+            trainer.load_global(start)
+        trainer.train(10)
+        end = trainer.full_weights()
+        return math.sqrt(sum(float((end[k] - start[k]).pow(2).sum()) for k in start)), end
+
+    free, _ = distance_after_a_round(0.0)
+    held, _ = distance_after_a_round(20.0)
+    assert held < 0.8 * free, (held, free)
+    # Without a global model (`fedpt train`) there is nothing to hold to: the term is off.
+    _, plain = distance_after_a_round(0.0, from_global=False)
+    _, ignored = distance_after_a_round(20.0, from_global=False)
+    assert all(torch.equal(plain[k], ignored[k]) for k in plain)
