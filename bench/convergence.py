@@ -37,7 +37,7 @@ Packing the corpus into token shards is done once, before the clock starts, into
                                 [--outer-lr LR] [--delta-encoding fp32] [--seed 0] [--out DIR]
                                 [--no-bigbatch]
 
---sweep "outer=fedavg,nesterov lr=0.5,1 mu=0.5,0.9 h=20,40 inner=kept,reset nodes=2,4 prox=0,0.01"
+--sweep "outer=fedavg,nesterov lr=0.5,1 mu=0.5,0.9 h=20,40 inner=kept,reset,momentum nodes=2,4 prox=0,0.01"
 runs one federation per combination instead (H at a fixed R x H per node; prox: the FedProx μ)
 and, per node count, the references once; one table: each setting's mean perplexity, its ratio to synchronous
 data-parallel (central-Nxbatch) and to pooled-sequential (centralized), and for how many
@@ -157,14 +157,14 @@ class Setting:
     outer: str
     outer_lr: float | None = None
     momentum: float | None = None
-    reset_inner: bool = False
+    inner: str = "kept"  # the inner AdamW state across rounds: kept | reset | momentum (reset)
     delta_encoding: str | None = None
     proximal_mu: float = 0.0
 
     def label(self) -> str:
         lr = "default" if self.outer_lr is None else f"{self.outer_lr:g}"
         mu = "" if self.momentum is None else f" mu={self.momentum:g}"
-        inner = "reset" if self.reset_inner else "kept"
+        inner = {"kept": "kept", "reset": "reset", "momentum": "momentum reset"}[self.inner]
         prox = f" prox={self.proximal_mu:g}" if self.proximal_mu else ""
         return f"{self.outer} lr={lr}{mu} H={self.inner_steps}xR={self.rounds} inner {inner}{prox}"
 
@@ -189,8 +189,12 @@ def run_federated(
         sim_args += ["--outer-lr", str(setting.outer_lr)]
     if setting.momentum is not None:
         sim_args += ["--outer-momentum", str(setting.momentum)]
-    if setting.reset_inner:
-        sim_args += ["--reset-inner-optimizer"]
+    if setting.inner != "kept":
+        sim_args += [
+            {"reset": "--reset-inner-optimizer", "momentum": "--reset-inner-momentum"}[
+                setting.inner
+            ]
+        ]
     if setting.delta_encoding is not None:
         sim_args += ["--delta-encoding", setting.delta_encoding]
     if setting.proximal_mu:
@@ -339,13 +343,17 @@ def _grid(spec: str, args: argparse.Namespace) -> list[Setting]:
     settings = []
     try:
         for nodes, outer, lr, mu, h, inner, encoding, prox in itertools.product(*grid):
-            if outer not in ("fedavg", "nesterov", "adam") or inner not in ("kept", "reset"):
+            if outer not in ("fedavg", "nesterov", "adam") or inner not in (
+                "kept",
+                "reset",
+                "momentum",
+            ):
                 raise ValueError(f"outer {outer!r} / inner {inner!r}")
             if total % int(h):
                 raise ValueError(f"H={h} does not divide the {total} inner steps per node")
             settings.append(Setting(int(nodes), total // int(h), int(h), outer,
                                     None if lr == "default" else float(lr),
-                                    None if mu == "default" else float(mu), inner == "reset",
+                                    None if mu == "default" else float(mu), inner,
                                     None if encoding == "default" else encoding, float(prox)))  # fmt: skip
     except ValueError as e:
         raise SystemExit(f"--sweep: {e}") from e
@@ -422,7 +430,7 @@ def main() -> None:
                              "only federated runs, same settings and seed")  # fmt: skip
     parser.add_argument("--sweep", default=None,
                         help="a sweep instead: KEY=V1,V2 ... for KEY in nodes, outer, lr, mu, h "
-                             "(at fixed R x H), inner (kept, reset), encoding, prox (FedProx mu); every combination "
+                             "(at fixed R x H), inner (kept, reset, momentum: only AdamW's first moment reset), encoding, prox (FedProx mu); every combination "
                              "is one federation, scored against the same references")  # fmt: skip
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0, help="initial model (all runs), data order (train runs)")  # fmt: skip
@@ -460,7 +468,7 @@ def main() -> None:
 
         # ---- federated ----------------------------------------------------------------------
         setting = Setting(args.nodes, args.rounds, args.inner_steps, args.outer, args.outer_lr,
-                          None, False, args.delta_encoding)  # fmt: skip
+                          None, "kept", args.delta_encoding)  # fmt: skip
         fed_run = run_federated(args, root, "federated", cache, setting)
         fed_model, fed_seconds = fed_run.contender.model, fed_run.contender.seconds
         model_config, train_config = fed_run.model_config, fed_run.train_config

@@ -44,12 +44,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from node.corpus import DataError
     from node.parallel import LaunchError
     from node.participant import FederationMismatch, NodeConfigError
+    from node.personalise import PersonaliseError
     from node.trainer import TrainingError
     from protos.pki import PKIError
 
     return (*USER_ERRORS, UsageError, DataError, TrainConfigError, TrainingError,
             AggregatorConfigError, RecoveryError, StoreError, OSError, NodeConfigError,
-            FederationMismatch, SimulationError, PKIError, LaunchError)  # fmt: skip
+            FederationMismatch, SimulationError, PKIError, LaunchError, PersonaliseError)  # fmt: skip
 
 
 # ---- ranks and hosts (torchrun) ---------------------------------------------------------------
@@ -418,6 +419,8 @@ def add_node_parser(sub: argparse._SubParsersAction) -> None:
         "--config", type=Path, help="node.toml with a [node] table; flags override it"
     )
     add_launch_flags(join)  # more than one rank: relaunches itself under torchrun
+    join.add_argument("--reset-inner-momentum", action="store_true", default=None,
+                      help="zero AdamW's first moment at every round, keep its second")  # fmt: skip
     join.add_argument("--reset-inner-optimizer", action="store_true", default=None,
                       help="forget AdamW moments at every round (default: keep them)")  # fmt: skip
     join.add_argument(
@@ -446,7 +449,10 @@ def add_node_parser(sub: argparse._SubParsersAction) -> None:
     own.add_argument("--steps", type=int, default=40)
     own.add_argument("--mode", choices=("full", "lora"), default="full")
     own.add_argument(
-        "--lr", type=float, default=None, help="peak lr (default: the inner lr; LoRA 3x)"
+        "--lr",
+        type=float,
+        default=None,
+        help="peak lr (default: where the inner schedule ended; LoRA 3x)",
     )
     own.add_argument("--lora-rank", type=int, default=8)
     own.add_argument("--out", type=Path, default=None,
@@ -501,7 +507,7 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
 def cmd_node_join(args: argparse.Namespace) -> int:
     from node.participant import load_node_config
 
-    flags = (*NODE_FLAGS, "reset_inner_optimizer", "save_deltas", "save_round_state", "insecure",
+    flags = (*NODE_FLAGS, "reset_inner_optimizer", "reset_inner_momentum", "save_deltas", "save_round_state", "insecure",
              "personalise_mode", "score_global")  # fmt: skip
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     cfg = load_node_config(args.config, {**overrides, **launch_flags(args)})
@@ -515,6 +521,7 @@ def cmd_node_join(args: argparse.Namespace) -> int:
     try:
         # What decides which collectives the ranks run, on every host alike.
         same = {"reset_inner_optimizer": cfg.reset_inner_optimizer,
+                "reset_inner_momentum": cfg.reset_inner_momentum,
                 "save_round_state": cfg.save_round_state}  # fmt: skip
         check_same_everywhere("the node settings", same, env)
         Participant(cfg, env).run()
@@ -530,7 +537,7 @@ def cmd_node_personalise(args: argparse.Namespace) -> int:
     from node.checkpoint import latest_checkpoint, read_state
     from node.local_training import load_splits
     from node.parallel import DistEnv
-    from node.personalise import PersonaliseConfig, PersonaliseError, personalise
+    from node.personalise import PersonaliseConfig, PersonaliseError, loss_text, personalise
 
     try:
         pcfg = PersonaliseConfig(args.steps, args.mode, args.lr, args.lora_rank)
@@ -555,9 +562,9 @@ def cmd_node_personalise(args: argparse.Namespace) -> int:
     out = args.out or args.work_dir / "final" / "personalised.safetensors"
     save_model(result.model, out, tokenizer_spec=tokenizer_spec)
     write_json_atomic(out.with_suffix(".json"), {"model": str(model_path), **result.report()})
-    print(f"{model_path}: val loss {result.global_val_loss:.4f}; personalised ({pcfg.mode}, "
+    print(f"{model_path}: val loss {loss_text(result.global_val_loss)}; personalised ({pcfg.mode}, "
           f"{pcfg.steps} steps, lr {result.lr:g}, {result.trainable_params:,} trainable weights, "
-          f"{result.seconds:.1f}s): val loss {result.val_loss:.4f}; written to {out}")  # fmt: skip
+          f"{result.seconds:.1f}s): val loss {loss_text(result.val_loss)}; written to {out}")  # fmt: skip
     return 0
 
 
@@ -585,6 +592,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outer-lr", type=float, default=None)
     p.add_argument("--outer-momentum", type=float, default=None,
                    help="nesterov's momentum μ (default 0.9)")  # fmt: skip
+    p.add_argument("--reset-inner-momentum", action="store_true",
+                   help="nodes zero AdamW's first moment every round and keep its second")  # fmt: skip
     p.add_argument("--reset-inner-optimizer", action="store_true",
                    help="nodes start every round with fresh inner AdamW moments (default: kept)")  # fmt: skip
     p.add_argument("--proximal-mu", type=float, default=0.0,
@@ -616,7 +625,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         nodes=args.nodes, rounds=args.rounds, preset=args.preset,
         data=[d for d in (args.data or "").split(",") if d], inner_steps=args.inner_steps,
         outer=args.outer, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
-        reset_inner_optimizer=args.reset_inner_optimizer, proximal_mu=args.proximal_mu, min_nodes=args.min_nodes, round_timeout=args.round_timeout,
+        reset_inner_optimizer=args.reset_inner_optimizer,
+        reset_inner_momentum=args.reset_inner_momentum, proximal_mu=args.proximal_mu, min_nodes=args.min_nodes, round_timeout=args.round_timeout,
         nproc_per_node=args.nproc_per_node, seed=args.seed, delta_encoding=args.delta_encoding,
         download_encoding=args.download_encoding, personalise_steps=args.personalise_steps,
         personalise_mode=args.personalise_mode, compare_alone=args.compare_alone, out=args.out,

@@ -70,6 +70,7 @@ class SimulationOptions:
     outer_lr: float | None = None
     outer_momentum: float | None = None  # nesterov μ (default: aggregator/outer.py's)
     reset_inner_optimizer: bool = False  # nodes start each round with fresh AdamW moments
+    reset_inner_momentum: bool = False  # ... with AdamW's first moment zeroed, the second kept
     proximal_mu: float = 0.0  # FedProx term of the inner loop ([train] proximal_mu)
     min_nodes: int | None = None
     round_timeout: float = 600.0
@@ -291,6 +292,7 @@ class Simulation:
                     "--organisation", name,
                     "--work-dir", str(self.run / "nodes" / name), "--nproc-per-node", str(self.opts.nproc_per_node)]  # fmt: skip
             args += ["--reset-inner-optimizer"] if self.opts.reset_inner_optimizer else []
+            args += ["--reset-inner-momentum"] if self.opts.reset_inner_momentum else []
             args += ["--personalise-steps", str(self.opts.personalisation_steps),
                      "--personalise-mode", self.opts.personalise_mode]  # fmt: skip
             proc, log_path = self._spawn(args, f"node-{name}")

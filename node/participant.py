@@ -46,6 +46,7 @@ from node.parallel import DistEnv, Launch, barrier, broadcast_bytes, broadcast_t
 from node.personalise import (
     PersonaliseConfig,
     PersonaliseError,
+    loss_text,
     personalise,
     validation_loss,
 )
@@ -84,6 +85,9 @@ class NodeConfig:
     node_rank: int | None = None  # host 0 holds global rank 0, the one that talks to the aggregator
     rdzv_endpoint: str = ""  # HOST:PORT on host 0
     reset_inner_optimizer: bool = False  # default: AdamW moments carry over between rounds
+    # Zero only AdamW's first moment at each round: its second moment (the scale of each
+    # weight's gradients) carries over, the direction of the last round does not.
+    reset_inner_momentum: bool = False
     # Score each global model pulled on the private validation split and send the scalar with
     # the update: the aggregator keeps it per organisation and round.
     score_global: bool = True
@@ -91,7 +95,7 @@ class NodeConfig:
     # this many steps (node/personalise.py), kept in work_dir/final/; 0: none.
     personalise_steps: int = 0
     personalise_mode: str = "full"  # full | lora
-    personalise_lr: float | None = None  # default: the inner lr (LoRA: 3x it)
+    personalise_lr: float | None = None  # default: where the inner schedule ends (LoRA: 3x)
     lora_rank: int = 8
     poll_seconds: float = 10.0  # long-poll length per GetTask
     reconnect_timeout_seconds: float = 300.0  # give up after the aggregator is away this long
@@ -324,6 +328,8 @@ class Participant:
         base_val_loss = trainer.evaluate() if self.cfg.score_global else None
         if self.cfg.reset_inner_optimizer:
             trainer.reset_optimizer()
+        elif self.cfg.reset_inner_momentum:
+            trainer.reset_optimizer(momentum_only=True)
         trainer.seek(version * spec.inner_steps)
         steps = spec.inner_steps
         if crash_points.armed("node.train"):
@@ -481,14 +487,14 @@ class Participant:
                        tokenizer_spec=trainer.tokenizer_spec)  # fmt: skip
             report["global_val_loss"] = result.global_val_loss
             report["personalised"] = result.report()
-            self.log(f"final model v{version}: val loss {result.global_val_loss:.4f}; personalised "
-                     f"({pcfg.mode}, {pcfg.steps} steps, {result.seconds:.1f}s): val loss "
-                     f"{result.val_loss:.4f}")  # fmt: skip
+            self.log(f"final model v{version}: val loss {loss_text(result.global_val_loss)}; "
+                     f"personalised ({pcfg.mode}, {pcfg.steps} steps, {result.seconds:.1f}s): val "
+                     f"loss {loss_text(result.val_loss)}")  # fmt: skip
         else:
             report["global_val_loss"] = validation_loss(
                 model.to(one.device), trainer.val_data, trainer.cfg, one
             )
-            self.log(f"final model v{version}: val loss {report['global_val_loss']:.4f}")
+            self.log(f"final model v{version}: val loss {loss_text(report['global_val_loss'])}")
         write_json_atomic(final_dir / "report.json", report)
         return report
 

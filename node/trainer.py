@@ -380,9 +380,15 @@ class Trainer:
         """The local model's full weights on the CPU (collective under FSDP)."""
         return full_model_state(self.module, self.model_config.tie_embeddings)
 
-    def reset_optimizer(self) -> None:
-        """Forget the inner optimizer's moments (the default keeps them across rounds)."""
-        self.optimizer.state.clear()
+    def reset_optimizer(self, momentum_only: bool = False) -> None:
+        """Forget the inner optimizer's moments (the default keeps them across rounds); with
+        `momentum_only`, only the first moment (the running gradient direction)."""
+        if not momentum_only:
+            self.optimizer.state.clear()
+            return
+        for state in self.optimizer.state.values():
+            if "exp_avg" in state:
+                state["exp_avg"].zero_()
 
     def close(self) -> None:
         self.metrics.close()

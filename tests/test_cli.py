@@ -132,7 +132,15 @@ BAD_COMMANDS = [
     (["frobnicate"], "invalid choice"),
     (["simulate", "--out", "OUT", "--outer-momentum", "1.5"], "--outer-momentum must be in [0, 1)"),
     (["simulate", "--out", "OUT", "--outer-lr", "-2"], "--outer-lr must be positive"),
-]
+    (["simulate", "--out", "OUT", "--personalise-steps", "-1"], "--personalise-steps must not be negative"),
+    (["simulate", "--out", "OUT", "--proximal-mu", "nan"], "proximal_mu must be a finite number"),
+    (["simulate", "--out", "OUT", "--proximal-mu", "-1"], "proximal_mu must not be negative"),
+    (["node", "join", "--insecure", "--data", "CORPUS", "--personalise-lr", "0"], "personalise_lr must be positive"),
+    (["node", "join", "--insecure", "--data", "CORPUS", "--lora-rank", "0"], "lora_rank must be at least 1"),
+    (["node", "personalise", "--work-dir", "OUT", "--data", "CORPUS"], "holds no round state"),
+    (["node", "personalise", "--work-dir", "OUT", "--data", "CORPUS", "--steps", "0"], "--steps must be at least 1"),
+    (["node", "personalise", "--work-dir", "OUT", "--data", "CORPUS", "--mode", "prefix"], "invalid choice"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("argv,message", BAD_COMMANDS)

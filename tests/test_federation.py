@@ -245,6 +245,27 @@ def test_each_node_reports_its_private_validation_loss_of_every_global_model(
     assert not (root / "globex" / "final" / "personalised.safetensors").exists()
 
 
+def test_a_node_personalises_the_final_model_on_demand(federation: dict, tmp_path: Path) -> None:
+    import json
+
+    from model.io import load_model
+
+    root, out = federation["root"], tmp_path / "own.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDPT_CACHE_DIR": str(root / "cache")}
+    cmd = [sys.executable, "-m", "fedpt", "node", "personalise", "--work-dir", str(root / "globex"),
+           "--data", str(federation["corpora"]["globex"]), "--steps", "4", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["mode"] == "full" and report["steps"] == 4
+    assert report["model"] == str(root / "globex" / "final" / "global.safetensors")
+    assert report["val_loss"] < report["global_val_loss"]
+    final, _ = load_model(root / "globex" / "final" / "global.safetensors")
+    own, _ = load_model(out)
+    assert own.config == final.config
+    assert not all(torch.equal(own.state_dict()[k], v) for k, v in final.state_dict().items())
+
+
 def test_a_node_waits_for_an_absent_aggregator_and_then_takes_part(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on yet
         s.bind(("127.0.0.1", 0))

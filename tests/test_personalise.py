@@ -93,10 +93,10 @@ def test_personalising_lowers_the_loss_on_the_organisations_own_validation_data(
     total = sum(t.numel() for t in model_state(global_model).values())
     if mode == "lora":
         assert 0 < result.trainable_params < total / 5
-        assert result.lr == pytest.approx(3 * INNER.lr)
+        assert result.lr == pytest.approx(3 * INNER.lr * INNER.min_lr_ratio)
     else:
         assert result.trainable_params == sum(p.numel() for p in global_model.parameters())
-        assert result.lr == INNER.lr
+        assert result.lr == pytest.approx(INNER.lr * INNER.min_lr_ratio)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

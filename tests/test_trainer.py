@@ -200,3 +200,22 @@ def test_a_proximal_term_holds_the_local_model_near_the_round_global_model(
     _, plain = distance_after_a_round(0.0, from_global=False)
     _, ignored = distance_after_a_round(20.0, from_global=False)
     assert all(torch.equal(plain[k], ignored[k]) for k in plain)
+
+
+def test_resetting_the_inner_momentum_zeroes_the_first_moment_and_keeps_the_second(
+    shards: tuple[TokenShards, TokenShards],
+) -> None:
+    trainer = make_trainer(shards[0])
+    trainer.train(3)
+    before = {
+        id(p): {k: v.clone() for k, v in s.items()} for p, s in trainer.optimizer.state.items()
+    }
+    trainer.reset_optimizer(momentum_only=True)
+    assert trainer.optimizer.state, "the state is kept"
+    for p, state in trainer.optimizer.state.items():
+        assert torch.count_nonzero(state["exp_avg"]) == 0
+        assert torch.equal(state["exp_avg_sq"], before[id(p)]["exp_avg_sq"])
+        assert torch.equal(state["step"], before[id(p)]["step"])
+        assert torch.count_nonzero(before[id(p)]["exp_avg"]) > 0
+    trainer.reset_optimizer()
+    assert not trainer.optimizer.state
