@@ -35,7 +35,10 @@ class OuterConfigError(ValueError):
 
 @dataclass(frozen=True)
 class OuterConfig:
-    name: str = "nesterov"  # "fedavg" | "nesterov" | "adam"
+    # "fedavg" | "nesterov" | "adam". FedAvg by default: with the tens of rounds measured here,
+    # any outer step larger than the mean delta (lr > 1, or momentum) cost perplexity (README,
+    # Rounds); DiLoCo's Nesterov 0.7/0.9 is for federations of hundreds of rounds.
+    name: str = "fedavg"
     lr: float | None = None  # None: DEFAULT_LR[name]
     momentum: float = 0.9  # nesterov μ
     beta1: float = 0.9  # adam

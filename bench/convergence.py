@@ -33,7 +33,7 @@ initial model (federation seed) is scored too, for scale.
 Packing the corpus into token shards is done once, before the clock starts, into
 --cache-dir (default $FEDPT_CACHE_DIR or fedpt's default cache), which every run then reads.
 
-    python -m bench.convergence [--nodes 4] [--rounds 6] [--inner-steps 50] [--outer nesterov]
+    python -m bench.convergence [--nodes 4] [--rounds 6] [--inner-steps 50] [--outer fedavg]
                                 [--outer-lr LR] [--delta-encoding fp32] [--seed 0] [--out DIR]
                                 [--no-bigbatch]
 
@@ -234,6 +234,11 @@ def reference_runs(
     nodes = len(orgs)
     root.mkdir(parents=True, exist_ok=True)
     config_path = write_train_config(root / "train.toml", fed.model_config, fed.train_config)
+    earlier = getattr(args, "references", None)
+    if earlier is not None:
+        earlier = earlier / root.name
+        if (earlier / "train.toml").read_text() != config_path.read_text():
+            raise SystemExit(f"--references: {earlier} was trained with other settings")
     union = "builtin:" + ",".join(orgs)
     accum = ["--grad-accum", str(nodes * fed.train_config.grad_accum)]
     jobs: list[tuple[str, str, int, list[str]]] = [("centralized", union, nodes * steps_alone, [])]
@@ -245,9 +250,14 @@ def reference_runs(
         out = root / name.replace(":", "-")
         train_args = ["train", "--config", str(config_path), "--data", data, "--steps", str(steps),
                       *extra, "--seed", str(args.seed), "--out", str(out)]  # fmt: skip
-        print(f"running fedpt {' '.join(train_args)}", flush=True)
-        seconds = run_fedpt(train_args, root / "logs" / f"{out.name}.log", cache=cache,
-                            timeout=args.timeout)  # fmt: skip
+        if earlier is not None:  # the same command ran before: its result, not a second run
+            out, seconds = earlier / out.name, math.nan
+            if json.loads((out / "summary.json").read_text())["steps"] != steps:
+                raise SystemExit(f"--references: {out} did not train {steps} steps")
+        else:
+            print(f"running fedpt {' '.join(train_args)}", flush=True)
+            seconds = run_fedpt(train_args, root / "logs" / f"{out.name}.log", cache=cache,
+                                timeout=args.timeout)  # fmt: skip
         summary = json.loads((out / "summary.json").read_text())
         model, _ = load_model(out / "model.safetensors")
         print(f"  {seconds:.1f} s; {summary['tokens_seen']:,} tokens")
@@ -420,7 +430,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=4, help="N: one built-in organisation each")
     parser.add_argument("--rounds", type=int, default=6, help="R: federation rounds")
     parser.add_argument("--inner-steps", type=int, default=50, help="H: inner steps per round")
-    parser.add_argument("--outer", choices=("fedavg", "nesterov", "adam"), default="nesterov")
+    parser.add_argument("--outer", choices=("fedavg", "nesterov", "adam"), default="fedavg")
     parser.add_argument("--outer-lr", type=float, default=None, help="default: the optimizer's")
     parser.add_argument("--delta-encoding", choices=("auto", *ENCODINGS), default=None,
                         help="passed to fedpt simulate (its default: auto = secure aggregation)")  # fmt: skip
@@ -437,6 +447,9 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=32, help="held-out batches per organisation")  # fmt: skip
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--no-bigbatch", action="store_true", help="skip the central-Nxbatch run")
+    parser.add_argument("--references", type=Path, default=None,
+                        help="--sweep: reuse the reference models of an earlier sweep's --out "
+                             "(same preset, seed, steps and inner settings: checked)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="keep the run folders here (default: a temp dir)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="token shard cache (default: $FEDPT_CACHE_DIR or ~/.cache/fedpt/shards)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per fedpt command")

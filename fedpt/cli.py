@@ -558,7 +558,9 @@ def cmd_node_personalise(args: argparse.Namespace) -> int:
         )
     tokenizer = load_tokenizer(tokenizer_spec, args.tokenizer)
     train, val = load_splits(args.data, tokenizer, DistEnv(), print)
-    result = personalise(model, train, val, inner, pcfg, start_step=state["step"])
+    result = personalise(
+        model, train, val, inner, pcfg, start_step=state["step"], inner_state=found
+    )
     out = args.out or args.work_dir / "final" / "personalised.safetensors"
     save_model(result.model, out, tokenizer_spec=tokenizer_spec)
     write_json_atomic(out.with_suffix(".json"), {"model": str(model_path), **result.report()})
@@ -582,13 +584,13 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
         "simulate", help="a whole federation on this machine: 1 aggregator + N node processes"
     )
     p.add_argument("--nodes", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=24)
     p.add_argument("--preset", default="tiny")
     p.add_argument(
         "--data", help="comma-separated sources, one per node (default: built-in organisations)"
     )
-    p.add_argument("--inner-steps", type=int, default=40, help="H: inner steps per round")
-    p.add_argument("--outer", choices=("fedavg", "nesterov", "adam"), default="nesterov")
+    p.add_argument("--inner-steps", type=int, default=10, help="H: inner steps per round")
+    p.add_argument("--outer", choices=("fedavg", "nesterov", "adam"), default="fedavg")
     p.add_argument("--outer-lr", type=float, default=None)
     p.add_argument("--outer-momentum", type=float, default=None,
                    help="nesterov's momentum μ (default 0.9)")  # fmt: skip

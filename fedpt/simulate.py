@@ -62,11 +62,11 @@ class SimulationError(RuntimeError):
 @dataclass
 class SimulationOptions:
     nodes: int = 4
-    rounds: int = 6
+    rounds: int = 24
     preset: str = "tiny"
     data: list[str] = field(default_factory=list)
-    inner_steps: int = 40
-    outer: str = "nesterov"
+    inner_steps: int = 10
+    outer: str = "fedavg"
     outer_lr: float | None = None
     outer_momentum: float | None = None  # nesterov μ (default: aggregator/outer.py's)
     reset_inner_optimizer: bool = False  # nodes start each round with fresh AdamW moments

@@ -38,7 +38,7 @@ from model.io import (
 )
 from model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from model.train_config import TrainConfig
-from node.checkpoint import prune_checkpoints
+from node.checkpoint import latest_checkpoint, prune_checkpoints
 from node.client import AggregatorClient
 from node.local_training import load_splits
 from node.metrics import MetricsLog
@@ -481,8 +481,12 @@ class Participant:
                         "organisation": self.cfg.organisation_name}  # fmt: skip
         pcfg = self.cfg.personalisation
         if pcfg.steps > 0:
+            # The state kept after this node's last round (rank 0 wrote it; not collective).
+            kept = (
+                latest_checkpoint(trainer.checkpoint_root()) if self.cfg.save_round_state else None
+            )
             result = personalise(model, trainer.train_data, trainer.val_data, trainer.cfg, pcfg,
-                                 start_step=version * spec.inner_steps, env=one)  # fmt: skip
+                                 start_step=version * spec.inner_steps, inner_state=kept, env=one)  # fmt: skip
             save_model(result.model, final_dir / "personalised.safetensors",
                        tokenizer_spec=trainer.tokenizer_spec)  # fmt: skip
             report["global_val_loss"] = result.global_val_loss

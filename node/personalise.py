@@ -4,7 +4,10 @@ A federation's global model serves every organisation's data at once; a few step
 organisation's own shards make it that organisation's model (FedAvg + fine-tuning, Wang et al.
 2019; Collins et al. 2022). Two ways, `[node] personalise_mode`:
 
-  full   every weight is fine-tuned, with fresh AdamW moments.
+  full   every weight is fine-tuned. AdamW starts from the moments the node's inner loop kept
+         (its round state, when there is one): the node simply trains one more stretch on its
+         own data from the final model. Fresh moments make Adam's first steps ±lr on every
+         weight, which undid more than a few steps adapt (measured: README, Personalisation).
   lora   every weight stays frozen; each projection W of the attention and MLP blocks gets a
          low-rank update W + (α/r)·B·A (Hu et al. 2021). B starts at zero, so step 0 is the
          global model. Only A and B train (r·(d_in + d_out) weights per matrix, a few percent of
@@ -27,6 +30,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,6 +39,7 @@ from torch.nn.utils import parametrize
 from model.gpt import GPT
 from model.io import load_weights_into, model_state
 from model.train_config import TrainConfig
+from node.checkpoint import load_checkpoint
 from node.evaluation import mean_loss
 from node.parallel import DistEnv, autocast, autocast_dtype
 from node.schedule import lr_at
@@ -164,27 +169,34 @@ def personalise(
     pcfg: PersonaliseConfig,
     *,
     start_step: int,
+    inner_state: Path | None = None,
     env: DistEnv | None = None,
 ) -> Personalised:
     """Adapt a copy of `global_model` for `pcfg.steps` steps of the inner batch size on `train`,
-    from sample position `start_step` x batch of the node's stream (seed `inner.seed`)."""
+    from sample position `start_step` x batch of the node's stream (seed `inner.seed`).
+    `inner_state`: a round-state checkpoint folder whose AdamW moments full fine-tuning starts
+    from (any number of ranks wrote it: it holds full state dicts)."""
     if pcfg.steps < 1:
         raise PersonaliseError("personalisation needs at least one step")
     env = env or DistEnv()
     started = time.perf_counter()
     model = GPT(global_model.config).to(env.device)
-    load_weights_into(model, model_state(global_model), source="global model")
-    global_val = validation_loss(model, val, inner, env) if val is not None else None
     peak = pcfg.peak_lr(inner)
     schedule = dataclasses.replace(inner, steps=pcfg.steps, lr=peak,
                                    warmup_steps=max(1, pcfg.steps // 10))  # fmt: skip
+    optimizer: torch.optim.Optimizer | None = None
+    if pcfg.mode == "full":
+        optimizer = build_optimizer(model, schedule, env.device)
+        if inner_state is not None:  # its weights are the node's local model: replaced below
+            load_checkpoint(inner_state, model, optimizer, env)
+    load_weights_into(model, model_state(global_model), source="global model")
+    global_val = validation_loss(model, val, inner, env) if val is not None else None
     if pcfg.mode == "lora":
         params = add_lora(model, pcfg.lora_rank, pcfg.lora_alpha, seed=inner.seed)
         optimizer = torch.optim.AdamW(params, lr=peak, betas=(inner.beta1, inner.beta2),
                                       eps=inner.eps, weight_decay=0.0)  # fmt: skip
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(model, schedule, env.device)
     trainable = sum(p.numel() for p in params)
     sampler = BatchSampler(train.num_windows(inner.seq_len), inner.seed)
     batch = inner.micro_batch_size * inner.grad_accum

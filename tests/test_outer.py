@@ -178,11 +178,11 @@ def test_adam_three_rounds_exact() -> None:
 
 
 def test_default_hyper_parameters() -> None:
-    assert OuterConfig().name == "nesterov"
+    assert OuterConfig().name == "fedavg" and OuterConfig().effective_lr == 1.0
     assert [OuterConfig(n).effective_lr for n in ("fedavg", "nesterov", "adam")] == [1.0, 0.7, 1e-3]
     assert OuterConfig("adam", lr=0.01).effective_lr == 0.01
     # Nesterov defaults, one round from θ = 0 with Δ = 1: b = 1, θ = −0.7·(1 + 0.9) = −1.33
-    theta = run_rounds(OuterConfig(), {"p": t(0.0)}, [{"p": t(1.0)}])[0]
+    theta = run_rounds(OuterConfig("nesterov"), {"p": t(0.0)}, [{"p": t(1.0)}])[0]
     assert theta["p"].item() == pytest.approx(-1.33, rel=1e-6)
 
 
@@ -204,7 +204,10 @@ def test_fedavg_lr1_is_the_weighted_mean_of_local_models() -> None:
 @pytest.mark.parametrize(
     ("config", "make_torch"),
     [
-        (OuterConfig(), lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True)),
+        (
+            OuterConfig("nesterov"),
+            lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True),
+        ),
         (
             OuterConfig("nesterov", lr=0.3, momentum=0.5),
             lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.5, nesterov=True),
@@ -302,7 +305,7 @@ def test_mismatched_params_are_refused() -> None:
         opt.step({"w": t(1.0, 2.0, 3.0)}, {"w": t(1.0, 2.0)})
     assert_state_equal(opt, before)
     with pytest.raises(DeltaError):
-        OuterOptimizer(OuterConfig(), {"step": torch.tensor([1, 2])})  # not floating
+        OuterOptimizer(OuterConfig("nesterov"), {"step": torch.tensor([1, 2])})  # not floating
 
 
 def test_inputs_are_never_modified() -> None:

@@ -123,3 +123,29 @@ def test_personalisation_repeats_exactly_and_follows_the_data_position(
 def test_bad_personalisation_settings_are_refused(settings: dict, message: str) -> None:
     with pytest.raises(PersonaliseError, match=message):
         PersonaliseConfig(**settings)
+
+
+def test_full_personalisation_continues_the_nodes_inner_optimizer_state(
+    own_data: tuple[TokenShards, TokenShards], tmp_path: Path
+) -> None:
+    from node.trainer import Trainer
+
+    train, val = own_data
+    # A constant lr, so that one personalisation step and one more inner step use the same one.
+    inner = TrainConfig(micro_batch_size=4, seq_len=32, eval_batches=4, lr=1e-3, warmup_steps=0,
+                        min_lr_ratio=1.0, steps=20)  # fmt: skip
+    trainer = Trainer(MODEL, inner, train, tokenizer_spec=ByteTokenizer().spec(),
+                      out_dir=tmp_path / "node", log=lambda _m: None)  # fmt: skip
+    trainer.train(6)
+    kept = trainer.save_checkpoint()
+    model_now = GPT(MODEL)
+    model_now.load_state_dict(trainer.model.state_dict())
+    pcfg = PersonaliseConfig(1, "full", lr=1e-3)
+    continued = personalise(model_now, train, val, inner, pcfg, start_step=6, inner_state=kept)
+    fresh = personalise(model_now, train, val, inner, pcfg, start_step=6)
+    trainer.train(1)  # the same batch, the same lr, the kept moments
+    expected = model_state(trainer.model)
+    got, other = model_state(continued.model), model_state(fresh.model)
+    worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
+    fresh_gap = max(float((other[k] - expected[k]).abs().max()) for k in expected)
+    assert worst < 1e-6 < fresh_gap / 100, (worst, fresh_gap)
