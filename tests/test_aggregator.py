@@ -400,9 +400,9 @@ def test_health_service_reports_serving(tmp_path: Path, serve) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_finished_aggregator_lingers_until_every_node_has_seen_stop(tmp_path: Path, serve) -> None:
-    from aggregator.server import _linger
-
+def finished_one_round_federation(tmp_path: Path, serve) -> tuple:
+    """(aggregator, config, acme, globex): a 1-round federation both nodes took part in, now
+    finished, lingering up to 60 s for its nodes."""
     config = make_config(tmp_path)
     config = dataclasses.replace(
         config,
@@ -417,6 +417,13 @@ def test_finished_aggregator_lingers_until_every_node_has_seen_stop(tmp_path: Pa
         delta = {k: global0[k] - v for k, v in local_params(global0, seed).items()}
         assert client.push_update(0, 0, delta, num_tokens=100, train_loss=2.0).complete
     wait_for_version(agg, 1)
+    return agg, config, a, b
+
+
+def test_finished_aggregator_lingers_until_every_node_has_seen_stop(tmp_path: Path, serve) -> None:
+    from aggregator.server import _linger
+
+    agg, config, a, b = finished_one_round_federation(tmp_path, serve)
     assert agg.coordinator.finished
     lingering = threading.Thread(target=_linger, args=(agg.coordinator, threading.Event()))
     lingering.start()
@@ -436,20 +443,7 @@ def test_a_node_that_asks_for_the_final_model_is_served_it_before_the_aggregator
 ) -> None:
     from aggregator.server import _linger
 
-    config = make_config(tmp_path)
-    config = dataclasses.replace(
-        config,
-        federation=dataclasses.replace(config.federation, rounds=1),
-        server=dataclasses.replace(config.server, stop_linger_seconds=60.0),
-    )
-    agg = serve(config)
-    a, b = join(agg, "acme", "globex")
-    train_tasks([a, b])
-    global0 = a.pull_model(0)
-    for seed, client in enumerate((a, b)):
-        delta = {k: global0[k] - v for k, v in local_params(global0, seed).items()}
-        assert client.push_update(0, 0, delta, num_tokens=100, train_loss=2.0).complete
-    wait_for_version(agg, 1)
+    agg, _, a, b = finished_one_round_federation(tmp_path, serve)
     lingering = threading.Thread(target=_linger, args=(agg.coordinator, threading.Event()))
     lingering.start()
     assert b.get_task(wait_seconds=0).kind == pb.Task.STOP
