@@ -51,6 +51,10 @@ def write_train_config(path: Path, model_config: ModelConfig, train_config: Trai
     return path
 
 
+class AloneTrainingFailed(RuntimeError):
+    """An organisation's `fedpt train` run exited with an error (its log says why)."""
+
+
 @dataclass
 class Organisation:
     name: str
@@ -129,7 +133,7 @@ def train_alone(
             running.append((org, proc, log_path))
         org, proc, log_path = running.pop(0)
         if proc.wait() != 0:
-            raise RuntimeError(
+            raise AloneTrainingFailed(
                 f"training {org.name} alone failed (exit {proc.returncode}); see {log_path}"
             )
         org.alone_curve = eval_curve(out_root / org.name)

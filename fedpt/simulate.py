@@ -383,8 +383,11 @@ class Simulation:
         )
         self.log(f"training each organisation alone for {total} steps ({rounds_steps} as in the rounds "
                  f"+ {p} as in personalisation: the tokens its node spent)")  # fmt: skip
-        payoff.train_alone(orgs, config_path, total, self.opts.seed, self.run / "alone", self._spawn,
-                           parallel=max(1, min(len(orgs), os.cpu_count() or 1)))  # fmt: skip
+        try:
+            payoff.train_alone(orgs, config_path, total, self.opts.seed, self.run / "alone",
+                               self._spawn, parallel=max(1, min(len(orgs), os.cpu_count() or 1)))  # fmt: skip
+        except payoff.AloneTrainingFailed as e:
+            raise SimulationError(str(e)) from e
         score = lambda m: [mean_loss(m, d, seq_len=EVAL_SEQ_LEN, batch_size=EVAL_BATCH,  # noqa: E731
                                      max_batches=EVAL_BATCHES, env=DistEnv()) for d in val_sets]  # fmt: skip
         final_version = max(
