@@ -158,6 +158,9 @@ proximal_mu = {opts.proximal_mu}
 
 [store]
 state_dir = "{run / "aggregator"}"
+# Every version: the watcher scores each one after its round, and short rounds (small H) can
+# commit several versions while it scores one (the default keeps 5 and pruned them first).
+keep_checkpoints = 0
 """
     path = run / "aggregator.toml"
     path.write_text(text)
