@@ -26,8 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from aggregator.store import BASE_VAL_LOSS, MetricRow, RoundRow
 from model.config import ModelConfig
 from model.train_config import TrainConfig
@@ -175,8 +173,3 @@ def verdict_rows(orgs: list[Organisation], total_steps: int) -> list[list[str]]:
         rows.append([o.name, fmt(alone), fmt(o.final_global), fmt(o.personalised),
                      _better(o.final_global, alone), _better(o.personalised, alone)])  # fmt: skip
     return rows
-
-
-def union_loss(model: torch.nn.Module, score: Callable[[torch.nn.Module], list[float]]) -> float:
-    losses = [x for x in score(model) if x is not None]
-    return sum(losses) / len(losses) if losses else math.nan

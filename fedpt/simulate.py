@@ -262,20 +262,7 @@ class Simulation:
     def _global_val_loss(
         self, version: int, model_config: ModelConfig, val_sets: list[TokenShards]
     ) -> float:
-        model = self._global_model(version, model_config)
-        losses = [
-            mean_loss(
-                model,
-                data,
-                seq_len=EVAL_SEQ_LEN,
-                batch_size=EVAL_BATCH,
-                max_batches=EVAL_BATCHES,
-                env=DistEnv(),
-            )
-            for data in val_sets
-        ]
-        losses = [x for x in losses if x is not None]
-        return sum(losses) / len(losses) if losses else math.nan
+        return union_val_loss(self._global_model(version, model_config), val_sets)
 
     # ---- the run ------------------------------------------------------------------------------
     def execute(self) -> dict:
@@ -391,18 +378,16 @@ class Simulation:
                                self._spawn, parallel=max(1, min(len(orgs), os.cpu_count() or 1)))  # fmt: skip
         except payoff.AloneTrainingFailed as e:
             raise SimulationError(str(e)) from e
-        score = lambda m: [mean_loss(m, d, seq_len=EVAL_SEQ_LEN, batch_size=EVAL_BATCH,  # noqa: E731
-                                     max_batches=EVAL_BATCHES, env=DistEnv()) for d in val_sets]  # fmt: skip
         final_version = max(
             (o.final_version for o in orgs if o.final_version is not None), default=None
         )
         union_global = (
-            payoff.union_loss(self._global_model(final_version, model_config), score)
+            union_val_loss(self._global_model(final_version, model_config), val_sets)
             if final_version is not None else math.nan
         )  # fmt: skip
         for org in orgs:
             alone_model, _ = load_model(self.run / "alone" / org.name / "model.safetensors")
-            org.alone_union = payoff.union_loss(alone_model, score)
+            org.alone_union = union_val_loss(alone_model, val_sets)
         self._print_payoff(orgs, h, total, union_global)
         return {"alone_steps": total, "union_global_val_loss": union_global,
                 "organisations": {o.name: o.as_dict() for o in orgs}}  # fmt: skip
@@ -471,6 +456,15 @@ class Simulation:
             f"global validation loss {initial:.4f} -> {final:.4f} ({verdict}); run folder {self.run}"
         )
         return summary
+
+
+def union_val_loss(model: torch.nn.Module, val_sets: list[TokenShards]) -> float:
+    """`model`'s mean loss over every node's validation split (the splits too small for one
+    window left out); NaN when none has one."""
+    losses = [mean_loss(model, data, seq_len=EVAL_SEQ_LEN, batch_size=EVAL_BATCH,
+                        max_batches=EVAL_BATCHES, env=DistEnv()) for data in val_sets]  # fmt: skip
+    losses = [x for x in losses if x is not None]
+    return sum(losses) / len(losses) if losses else math.nan
 
 
 def wait_until_serving(channel: grpc.Channel, proc: subprocess.Popen, timeout: float) -> bool:
