@@ -11,9 +11,12 @@
 The minutes a large model spends in the middle step hold no lock: nodes keep polling (told to
 wait), joining and asking about uploads. Only one commit runs at a time (`begin` says None while
 one is under way; the ticker calls it ten times a second). The round row moves to COMMITTED only
-after the checkpoint is durable. If anything fails, nothing is swapped in and the round stays
-AGGREGATING; the outer optimizer may have stepped, so the next attempt first reloads the last
-durable checkpoint's optimizer state (`_dirty`). A restarted aggregator does the same from the
+after the checkpoint is durable. If anything fails, nothing is swapped in. A failure the same
+inputs would meet again (secret shares that do not rebuild, a mean update that is not finite:
+PERMANENT_FAILURES) fails the round, with its reason in the database, and the federation moves
+on; any other (disk, database) leaves the round AGGREGATING and is retried with a growing pause.
+The outer optimizer may have stepped, so the next attempt first reloads the last durable
+checkpoint's optimizer state (`_dirty`). A restarted aggregator does the same from the
 database. If the database did commit although the call failed (its answer lost), the next
 attempt finds that version in the database and installs it instead of stepping again.
 """
@@ -28,6 +31,7 @@ import torch
 
 from aggregator.checkpoints import CheckpointStore
 from aggregator.downloads import compress_step
+from aggregator.errors import Refused
 from aggregator.federation import UPDATE_SCALE_KEY, update_scale_of
 from aggregator.intake import UploadIntake
 from aggregator.outer import OuterOptimizer
@@ -35,7 +39,14 @@ from aggregator.round_sum import Member, RoundSum
 from aggregator.secure_aggregation import SecAggRound
 from aggregator.state import GlobalModel, RoundState, Shared
 from aggregator.store import CheckpointRow, MetricRow, RoundRow, SubmissionRow
+from model.delta import DeltaError
 from protos import crash_points
+
+# A failed commit is retried after 0.2 s, doubling up to this: a full disk or a lost database
+# connection heals on its own, and each attempt re-reads the last checkpoint.
+MAX_RETRY_SECONDS = 5.0
+# Failures that the same round's inputs would hit again on every attempt: the round fails.
+PERMANENT_FAILURES = (Refused, DeltaError)
 
 
 @dataclass(frozen=True)
@@ -62,12 +73,15 @@ class Committer:
         self.shared, self.intake, self.checkpoints, self.outer = shared, intake, checkpoints, outer
         self._running = False  # a job is between begin and the end of run (under the lock)
         self._dirty = False  # in-memory outer state may be ahead of the last checkpoint
+        self._failures = 0  # consecutive transient failures of this round's commit
+        self._retry_at = 0.0  # no attempt before this time (shared.clock)
+        self.permanent_failure: str | None = None  # why this round can never commit
 
     def begin(self) -> CommitJob | None:
         """Mark the round AGGREGATING and snapshot it; None if a commit is under way or the
         database refused. Caller holds the lock, then calls `run` without it."""
         s = self.shared
-        if self._running:
+        if self._running or self.permanent_failure is not None or s.clock() < self._retry_at:
             return None
         try:
             if s.round.state != RoundState.AGGREGATING:
@@ -133,6 +147,7 @@ class Committer:
         finally:
             with s.lock:
                 self._running = False
+        self._failures, self._retry_at = 0, 0.0
         s.log(f"round {r.number}: committed version {version} from {len(job.completed)} upload(s)")
         self._prune_checkpoints()
 
@@ -182,6 +197,7 @@ class Committer:
         s = self.shared
         next_round = s.store.current_round(s.federation_id)  # may fail: then nothing changes
         s.model = model
+        self.round_ended()
         self.intake.end_round()
         s.secagg = None
         s.round = next_round
@@ -209,9 +225,20 @@ class Committer:
 
     def _failed(self, number: int, error: Exception) -> None:
         # Nothing was committed, but the outer step may have moved the optimizer state: the
-        # next attempt reloads the last durable checkpoint first.
+        # next attempt (or the next round's commit) reloads the last durable checkpoint first.
         self._dirty = True
-        self.shared.log(f"round {number}: aggregation failed, will retry: {error}")
+        if isinstance(error, PERMANENT_FAILURES):
+            self.permanent_failure = str(error)  # the lifecycle fails the round
+            self.shared.log(f"round {number}: aggregation failed for good: {error}")
+            return
+        self._failures += 1
+        delay = min(MAX_RETRY_SECONDS, 0.2 * 2 ** (self._failures - 1))
+        self._retry_at = self.shared.clock() + delay
+        self.shared.log(f"round {number}: aggregation failed, will retry in {delay:.1f} s: {error}")
+
+    def round_ended(self) -> None:
+        """A new round: its commit starts with a clean slate (the reload flag stays)."""
+        self._failures, self._retry_at, self.permanent_failure = 0, 0.0, None
 
     def _prune_checkpoints(self) -> None:
         keep = self.shared.config.store.keep_checkpoints

@@ -32,8 +32,11 @@ class Unauthenticated(Refused):
     code = "UNAUTHENTICATED"
 
 
-class DeadlineExceeded(Refused):
-    code = "DEADLINE_EXCEEDED"
+class RoundClosed(Refused):
+    """The round this call belongs to has closed: nothing to retry, the node moves on. (Not
+    DEADLINE_EXCEEDED: gRPC clients read that as their own call timing out, and retry it.)"""
+
+    code = "FAILED_PRECONDITION"
 
 
 class Unavailable(Refused):

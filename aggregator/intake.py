@@ -19,11 +19,11 @@ from pathlib import Path
 
 from aggregator.errors import (
     AlreadyExists,
-    DeadlineExceeded,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     Refused,
+    RoundClosed,
     Unavailable,
 )
 from aggregator.round_sum import Member, RoundSum, SpooledUpload
@@ -144,7 +144,7 @@ class UploadIntake:
         if node_id in self.completed:
             raise AlreadyExists(f"this node's update for round {number} was already received")
         if s.clock() >= (r.deadline_at or math.inf):
-            raise DeadlineExceeded(f"round {number} closed for uploads at its deadline")
+            raise RoundClosed(f"round {number} closed for uploads at its deadline")
         return r
 
     def end(self, session: UploadSession) -> pb.PushReply:
@@ -197,7 +197,7 @@ class UploadIntake:
         """Refuse (and discard) a session its round no longer takes. Caller holds the lock."""
         try:
             if session.cancelled or self.sessions.get(session.node_id) is not session:
-                raise DeadlineExceeded(
+                raise RoundClosed(
                     f"round {session.round_number} closed while this upload was arriving"
                 )
             self.accepting_round(session.node_id, session.round_number)

@@ -193,7 +193,10 @@ class RoundLifecycle:
         s, completed = self.shared, self.intake.completed
         r = s.round
         if r.state == RoundState.AGGREGATING:
-            return self.committer.begin()  # a retry (or a commit already under way: None)
+            if self.committer.permanent_failure is not None:
+                self.fail_round(f"aggregation: {self.committer.permanent_failure}")
+                return None
+            return self.committer.begin()  # a retry (or under way, or backing off: None)
         if r.state not in ACCEPTING:
             return None
         if s.secagg is not None:
@@ -231,6 +234,7 @@ class RoundLifecycle:
         s = self.shared
         r = s.round
         s.store_call(s.store.fail_round, s.federation_id, r.number, outcome)
+        self.committer.round_ended()
         s.log(f"round {r.number}: failed ({outcome}); the next round starts from version "
               f"{s.model.version}")  # fmt: skip
         self.intake.end_round()

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from aggregator.accumulator import StreamingAccumulator
-from aggregator.errors import DeadlineExceeded
+from aggregator.errors import RoundClosed
 from aggregator.secure_aggregation import SecAggRound
 from protos.codec import TensorSpec
 from protos.delta_encoding import FlatLayout
@@ -77,7 +77,7 @@ class RoundSum:
         overflowed (refuse the upload). A cancelled member adds nothing."""
         with self.accumulator.adding():
             if member.cancelled:
-                raise DeadlineExceeded(
+                raise RoundClosed(
                     f"round {self.round_number} closed while this upload was arriving"
                 )
             with self._mutex:

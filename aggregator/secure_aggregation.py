@@ -110,15 +110,27 @@ class SecAggRound:
             raise AlreadyExists(
                 f"shares for unmasking round {self.round_number} were already received"
             )
-        seeds = {s.about_node for s in request.self_seed_shares}
-        mask_keys = {s.about_node for s in request.mask_key_shares}
-        if seeds & mask_keys:
+        seeds = [s.about_node for s in request.self_seed_shares]
+        mask_keys = [s.about_node for s in request.mask_key_shares]
+        if set(seeds) & set(mask_keys):
             # Both shares of one node would let the aggregator unmask that node's own update.
             raise InvalidArgument("never reveal both the seed and the mask key of the same node")
-        if not seeds <= set(self.survivors) or not mask_keys <= set(self.dropped):
+        # Complete, not merely allowed: every holder got a share from every node in U2, so an
+        # honest answer names each survivor's seed and each dropped node's mask key once. An
+        # empty or partial answer counted as one would let the stage end without the shares
+        # the sum needs, and the round could never be unmasked.
+        if sorted(seeds) != self.survivors or sorted(mask_keys) != self.dropped:
             raise InvalidArgument(
-                "seed shares are for survivors only, mask-key shares for dropped nodes only"
+                "reveal exactly one seed share for every survivor "
+                f"({', '.join(self.survivors)}) and one mask-key share for every dropped node "
+                f"({', '.join(self.dropped) or 'none'})"
             )
+        for share in [*request.self_seed_shares, *request.mask_key_shares]:
+            if not secagg.is_share_value(share.share):
+                raise InvalidArgument(
+                    f"the share about {share.about_node} is not a {secagg.SHARE_BYTES}-byte "
+                    "field element"
+                )
         self.unmask_requests[node_id] = request
 
     def _expect(self, stage: Stage, node_id: str, members: Iterable[str], action: str) -> None:

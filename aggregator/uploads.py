@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from aggregator.errors import InvalidArgument, RoundClosed, Unavailable
 from aggregator.round_sum import RoundSum
 from model.writeback import SequentialFile
 from protos.codec import ChunkVerifier, CodecError, Manifest
@@ -104,9 +104,7 @@ class UploadSession:
 
     def _check_live(self) -> None:
         if self.cancelled:
-            raise DeadlineExceeded(
-                f"round {self.round_number} closed while this upload was arriving"
-            )
+            raise RoundClosed(f"round {self.round_number} closed while this upload was arriving")
 
     @property
     def sha256_hex(self) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from model.config import ConfigError, ModelConfig, preset
 from model.io import CheckpointError
 from model.tokenizer import TokenizerError
+from protos import crash_points
 from protos.delta_encoding import ENCODINGS, PLAIN_ENCODINGS
 
 if typing.TYPE_CHECKING:
@@ -43,14 +44,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from model.train_config import TrainConfigError
     from node.corpus import DataError
     from node.parallel import LaunchError
-    from node.participant import FederationMismatch, NodeConfigError
+    from node.participant import AggregatorUnreachable, FederationMismatch, NodeConfigError
     from node.personalise import PersonaliseError
     from node.trainer import TrainingError
     from protos.pki import PKIError
 
     return (*USER_ERRORS, UsageError, DataError, TrainConfigError, TrainingError,
             AggregatorConfigError, RecoveryError, StoreError, OSError, NodeConfigError,
-            FederationMismatch, SimulationError, PKIError, LaunchError, PersonaliseError)  # fmt: skip
+            FederationMismatch, SimulationError, PKIError, LaunchError, PersonaliseError,
+            AggregatorUnreachable, crash_points.CrashPointError)  # fmt: skip
 
 
 # ---- ranks and hosts (torchrun) ---------------------------------------------------------------
@@ -513,6 +515,8 @@ def cmd_node_join(args: argparse.Namespace) -> int:
     cfg = load_node_config(args.config, {**overrides, **launch_flags(args)})
     if cfg.launch.ranks > 1 and "LOCAL_RANK" not in os.environ:
         return relaunch_node_under_torchrun(cfg)
+    import grpc
+
     from node.parallel import check_same_everywhere, init_distributed, shutdown_distributed
     from node.participant import Participant
 
@@ -525,6 +529,10 @@ def cmd_node_join(args: argparse.Namespace) -> int:
                 "save_round_state": cfg.save_round_state}  # fmt: skip
         check_same_everywhere("the node settings", same, env)
         Participant(cfg, env).run()
+    except grpc.RpcError as e:  # a refusal no retry can change (transient ones were retried)
+        raise UsageError(
+            f"the aggregator at {cfg.aggregator} refused this node: {e.code().name}: {e.details()}"
+        ) from e
     finally:
         shutdown_distributed()
     return 0
@@ -658,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        crash_points.check()
         return args.func(args)
     except UsageError as e:
         print(f"fedpt: error: {e}", file=sys.stderr)

@@ -34,8 +34,11 @@ from protos.codec import (
 from protos.delta_encoding import FlatLayout, add_decoded_chunk, wire_specs
 
 SESSION_METADATA = "x-fedpt-session"
+# A stream that broke on the way: resume it. INTERNAL is here because grpc reports a transport
+# reset mid-stream (RST_STREAM) as INTERNAL; RESOURCE_EXHAUSTED is not: a message over a limit
+# is over it on every attempt.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED)  # fmt: skip
+             grpc.StatusCode.INTERNAL)  # fmt: skip
 
 
 class TransferError(RuntimeError):

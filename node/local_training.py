@@ -132,8 +132,9 @@ def run_training(
             "tokens_seen": trainer.tokens_seen,
             "val_loss": val_loss,
             "val_perplexity": math.exp(val_loss) if val_loss is not None else None,
+            # None when this call trained no step (--resume of a finished run)
             "tokens_per_second": trainer.last_log.tokens_per_second
-            if hasattr(trainer, "last_log")
+            if trainer.last_log is not None
             else None,
         }
         if env.is_main:

@@ -72,6 +72,23 @@ class FederationMismatch(RuntimeError):
     """This node cannot take part: its tokenizer or data does not fit the federation's spec."""
 
 
+class AggregatorUnreachable(RuntimeError):
+    """The aggregator refused this node's TLS handshake, or stayed away past the reconnect
+    timeout: one line for the operator instead of a gRPC traceback."""
+
+
+# What grpc's details say when TLS fails, as opposed to a network that is down: retrying
+# cannot help (another CA, a revoked or foreign kit, an aggregator kit used as a node's).
+_HANDSHAKE_FAILURE = ("handshake failed", "ssl_error", "certificate_verify_failed", "tsi_")
+
+
+def handshake_failed(error: grpc.RpcError) -> bool:
+    details = (error.details() or "").lower()
+    return error.code() == grpc.StatusCode.UNAVAILABLE and any(
+        marker in details for marker in _HANDSHAKE_FAILURE
+    )
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     aggregator: str = "127.0.0.1:7450"
@@ -184,6 +201,14 @@ class Participant:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             kit = pki.load_kit(Path(cfg.kit)) if cfg.kit else None
             self.kit = kit
+            if kit is not None and cfg.organisation and cfg.organisation != kit.organisation:
+                # The certificate is the identity: joining as the kit's organisation while
+                # the logs say another would mislead whoever reads them.
+                raise NodeConfigError(
+                    f"--organisation {cfg.organisation!r} disagrees with the kit {cfg.kit}, "
+                    f"issued to {kit.organisation!r}: drop --organisation or use that "
+                    "organisation's kit"
+                )
             if kit is None:
                 self.log(
                     "WARNING: connecting in plain text (--insecure): use a startup kit outside tests"
@@ -660,8 +685,22 @@ class Participant:
                     self.log(f"{what}: session unknown to the aggregator; joining again")
                     self._reconnecting(self.client.join, "join")
                     continue
-                if code not in RECONNECT_CODES or time.monotonic() + delay > give_up:
+                if code == grpc.StatusCode.UNAVAILABLE and handshake_failed(e):
+                    raise AggregatorUnreachable(
+                        f"{what}: the TLS handshake with {self.cfg.aggregator} failed: the "
+                        "aggregator does not accept this kit's certificate, or its own is not "
+                        f"signed by this kit's CA ({(e.details() or '').strip()})"
+                    ) from e
+                if code not in RECONNECT_CODES:
                     raise
+                if time.monotonic() + delay > give_up:
+                    if what == "get a task" and self._final_round_done():
+                        raise  # _next_task: the federation ended while this node was away
+                    raise AggregatorUnreachable(
+                        f"{what}: the aggregator at {self.cfg.aggregator} was unreachable for "
+                        f"{self.cfg.reconnect_timeout_seconds:g} s ({code.name}: "
+                        f"{(e.details() or '').strip()})"
+                    ) from e
                 self.log(f"{what}: aggregator unavailable ({code.name}); retrying in {delay:.1f}s")
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)

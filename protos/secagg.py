@@ -527,6 +527,11 @@ def _interpolate_at(xs: tuple[int, ...], ys: Sequence[int], z: int) -> int:
     return total
 
 
+def is_share_value(y: bytes) -> bool:
+    """Whether `y` has a Shamir share's form: SHARE_BYTES big-endian bytes below PRIME."""
+    return len(y) == SHARE_BYTES and int.from_bytes(y, "big") < PRIME
+
+
 def _parse_shares(shares: Mapping[int, bytes]) -> list[tuple[int, int]]:
     points = []
     for x, y in sorted(shares.items()):

@@ -18,8 +18,10 @@ SMALL_RUN = ["--preset", "tiny", "--seq-len", "64", "--micro-batch-size", "4", "
              "--warmup-steps", "2", "--eval-batches", "4"]  # fmt: skip
 
 
-def fedpt(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def fedpt(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "fedpt", *map(str, args)],
         capture_output=True,
@@ -168,3 +170,71 @@ def test_an_existing_run_is_not_overwritten(corpus_dir: Path, tmp_path: Path) ->
     )
     assert proc.returncode == 2 and "--resume" in proc.stderr
     assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_exits_0(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    fedpt("train", "--data", corpus_dir, "--out", run, "--steps", "2", *SMALL_RUN)
+    before = (run / "model.safetensors").read_bytes()
+    fedpt("train", "--data", corpus_dir, "--out", run, "--steps", "2", "--resume", *SMALL_RUN)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["tokens_per_second"] is None  # no step this time
+    assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_a_bad_crash_point_is_one_line_and_without_the_testing_switch_it_is_inert(
+    tmp_path: Path,
+) -> None:
+    bad = {"FEDPT_CRASH_AT": "node.pul@2", "FEDPT_TESTING": "1"}
+    proc = fedpt("data", "orgs", env=bad, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedpt: error: FEDPT_CRASH_AT='node.pul@2'")
+    proc = fedpt("data", "orgs", env={**bad, "FEDPT_CRASH_AT": "node.pull@x"}, check=False)
+    assert proc.returncode == 2 and "must be an integer" in proc.stderr
+    # Outside tests (no switch) the variable is never read: not even a valid one arms a kill.
+    env = {**os.environ, "FEDPT_CRASH_AT": "aggregator.open"}
+    env.pop("FEDPT_TESTING", None)
+    probe = "from protos import crash_points as c; c.check(); print(c.armed('aggregator.open'))"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+    env["FEDPT_TESTING"] = "1"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr
+
+
+def test_an_organisation_that_disagrees_with_the_kit_is_refused(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    from protos import pki
+
+    pki.init_ca(tmp_path / "ca")
+    kit = pki.issue_kit(tmp_path / "ca", "alpha", tmp_path / "alpha")
+    proc = fedpt("node", "join", "--kit", kit, "--organisation", "beta", "--aggregator",
+                 "127.0.0.1:1", "--data", corpus_dir, "--work-dir", tmp_path / "w",
+                 check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--organisation 'beta' disagrees with the kit" in lines[0]
+    assert "issued to 'alpha'" in lines[0]
+    assert "joined" not in proc.stdout
+
+
+def test_an_aggregator_that_never_answers_is_one_line_after_the_reconnect_timeout(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = fedpt("node", "join", "--insecure", "--aggregator", f"127.0.0.1:{port}", "--data",
+                 corpus_dir, "--work-dir", tmp_path / "w", "--reconnect-timeout-seconds", "1",
+                 check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"fedpt: error: join: the aggregator at 127.0.0.1:{port} was "
+                               "unreachable for 1 s (UNAVAILABLE")  # fmt: skip

@@ -5,9 +5,14 @@ identity claims."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -97,10 +102,16 @@ def masked_payload(
     return SpooledPayload(manifest, path)
 
 
+# Answers the unmasking stage in a node's place; True: the node stops there.
+UnmaskHook = Callable[[AggregatorClient, NodeSecAgg, int], bool]
+
+
 def run_node(
-    client: AggregatorClient, kit: pki.StartupKit, index: int, drop_at: str | None, log: list
-) -> None:
-    """Follow the tasks of one round; stop answering at `drop_at` (a stage name)."""
+    client: AggregatorClient, kit: pki.StartupKit, index: int, drop_at: str | None, log: list,
+    unmask: UnmaskHook | None = None,
+) -> None:  # fmt: skip
+    """Follow the tasks of one round; stop answering at `drop_at` (a stage name); `unmask`
+    answers the unmasking stage instead of the honest node code."""
     sec = NodeSecAgg(client, kit, client.spec.federation_id)
     spool = Path(tempfile.mkdtemp(prefix="fedpt-secagg-test-"))  # the node's encoded uploads
     stages = {pb.Task.SECAGG_ADVERTISE_KEYS: "advertise", pb.Task.SECAGG_SHARE_KEYS: "share",
@@ -133,13 +144,19 @@ def run_node(
             client.push_payload(task.round, task.model_version, masked, UNIT * (index + 1), 1.0)
             log.append((index, "pushed", task.round))
         elif stage == "unmask":
-            sec.unmask(task.round)
+            if unmask is None:
+                sec.unmask(task.round)
+            elif unmask(client, sec, task.round):
+                return
 
 
-def run_round(agg: RunningAggregator, kits: dict, drops: dict[int, str]) -> list:
+def run_round(
+    agg: RunningAggregator, kits: dict, drops: dict[int, str], unmask: UnmaskHook | None = None
+) -> list:
     clients = [connect(agg, kits[org]) for org in ORGS]
     log: list = []
-    threads = [threading.Thread(target=run_node, args=(c, kits[ORGS[i]], i, drops.get(i), log))
+    threads = [threading.Thread(target=run_node,
+                                args=(c, kits[ORGS[i]], i, drops.get(i), log, unmask))
                for i, c in enumerate(clients)]  # fmt: skip
     for t in threads:
         t.start()
@@ -201,6 +218,81 @@ def test_fewer_than_threshold_survivors_aborts_without_committing(
         assert len(rounds) >= 2 and all(
             r.base_version == 0 for r in rounds[1:]
         )  # next round, same model
+    finally:
+        agg.stop(grace=0)
+
+
+def test_an_unmask_answer_without_every_share_is_refused_and_the_round_commits(
+    tmp_path: Path, kits: dict
+) -> None:
+    """Empty, partial and malformed answers to the unmasking stage are refused and do not
+    count as answered: the honest answer that follows still unmasks the round. (Counted, three
+    empty answers would end the stage with nothing to rebuild the masks from: stuck for good.)"""
+    refusals: list = []
+
+    def empty_then_partial_then_honest(client, sec, round_number) -> bool:
+        state = client.secagg_state(round_number)
+        fake = secrets.randbelow(secagg.PRIME).to_bytes(secagg.SHARE_BYTES, "big")
+        attempts = [
+            pb.UnmaskRequest(round=round_number),  # no shares at all
+            pb.UnmaskRequest(round=round_number, self_seed_shares=[  # one survivor missing
+                pb.RevealedShare(about_node=n, share=fake) for n in state.survivors[1:]]),
+            pb.UnmaskRequest(round=round_number, self_seed_shares=[  # one survivor twice
+                pb.RevealedShare(about_node=n, share=fake)
+                for n in [*state.survivors, state.survivors[0]]]),
+            pb.UnmaskRequest(round=round_number, self_seed_shares=[  # not a field element
+                pb.RevealedShare(about_node=n, share=b"\xff" * secagg.SHARE_BYTES)
+                for n in state.survivors]),
+        ]  # fmt: skip
+        for request in attempts:
+            with pytest.raises(grpc.RpcError) as info:
+                client.unmask(request)
+            refusals.append((info.value.code(), info.value.details()))
+        sec.unmask(round_number)
+        return False
+
+    agg = start(tmp_path, kits)
+    try:
+        run_round(agg, kits, {}, unmask=empty_then_partial_then_honest)
+        assert len(refusals) == 4 * N
+        assert {code for code, _ in refusals} == {grpc.StatusCode.INVALID_ARGUMENT}, refusals
+        assert any("exactly one seed share for every survivor" in d for _, d in refusals)
+        assert any("field element" in d for _, d in refusals)
+        assert agg.coordinator.version == 1, agg.store.rounds(agg.coordinator.federation_id)
+    finally:
+        agg.stop(grace=0)
+
+
+def test_shares_that_rebuild_no_secret_fail_the_round_and_the_federation_goes_on(
+    tmp_path: Path, kits: dict
+) -> None:
+    """Well-formed but forged shares (every node lies): the masks cannot be rebuilt, and never
+    will be. The round fails with that reason in the database instead of retrying forever,
+    the model stays at version 0, and the next round opens for the nodes."""
+    logs: list[str] = []
+
+    def forged(client, sec, round_number) -> bool:
+        state = client.secagg_state(round_number)
+        client.unmask(pb.UnmaskRequest(round=round_number, self_seed_shares=[
+            pb.RevealedShare(about_node=n, share=secrets.randbelow(secagg.PRIME).to_bytes(
+                secagg.SHARE_BYTES, "big")) for n in state.survivors]))  # fmt: skip
+        return True  # the round fails: no next round for this node
+
+    agg = start(tmp_path, kits)
+    agg.coordinator.log = logs.append
+    try:
+        run_round(agg, kits, {}, unmask=forged)
+        fed = agg.coordinator.federation_id
+        give_up = time.monotonic() + 30
+        while agg.store.rounds(fed)[0].state == "AGGREGATING" and time.monotonic() < give_up:
+            time.sleep(0.05)
+        rounds = agg.store.rounds(fed)
+        assert rounds[0].state == "FAILED", rounds
+        assert "cannot rebuild the self secret" in rounds[0].outcome, rounds[0].outcome
+        assert len(rounds) == 2 and rounds[1].state != "FAILED" and rounds[1].base_version == 0
+        assert agg.coordinator.version == 0
+        assert agg.store.latest_checkpoint(fed).version == 0
+        assert sum("aggregation failed" in line for line in logs) == 1, logs  # no retry loop
     finally:
         agg.stop(grace=0)
 
@@ -297,6 +389,31 @@ def test_a_certificate_from_another_ca_fails_the_handshake(tmp_path: Path, kits:
         plain = AggregatorClient(agg.address, "org0", rpc_timeout=5)  # no certificate at all
         with pytest.raises(grpc.RpcError):
             plain.join()
+    finally:
+        agg.stop(grace=0)
+
+
+def test_a_node_with_a_kit_from_another_ca_stops_at_once_with_one_line(
+    tmp_path: Path, kits: dict, corpus_dir: Path
+) -> None:
+    """A refused handshake is not a network outage: no reconnect back-off (300 s by default),
+    one `fedpt: error:` line naming the TLS handshake."""
+    agg = start(tmp_path, kits)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedpt", "node", "join", "--kit", str(kits["foreign"].directory),
+             "--aggregator", agg.address, "--data", str(corpus_dir),
+             "--work-dir", str(tmp_path / "node")],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fedpt: error: join: the TLS handshake"), (
+            proc.stderr
+        )
+        assert "retrying" not in proc.stdout, proc.stdout  # refused once, never retried
+        assert agg.store.nodes(agg.coordinator.federation_id) == []
     finally:
         agg.stop(grace=0)
 

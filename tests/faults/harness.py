@@ -27,7 +27,7 @@ import torch
 from aggregator.checkpoints import OUTER_PREFIX
 from aggregator.store import Store
 from model.io import load_tensors
-from protos import pki
+from protos import crash_points, pki
 from tests.conftest import synthetic_documents, write_corpus
 
 ORGANISATIONS = ("acme", "globex", "initech")
@@ -147,7 +147,8 @@ class FaultyFederation:
         for i, org in enumerate(ORGANISATIONS):
             write_corpus(root / "data" / org, synthetic_documents(20, seed=100 + i))
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDPT_CACHE_DIR": str(root / "cache")}
-        self.env.pop("FEDPT_CRASH_AT", None)
+        self.env.pop(crash_points.ENV, None)
+        self.env[crash_points.SWITCH] = "1"  # crash points are inert without it
 
     # ---- processes ----------------------------------------------------------------------------
     def _command(self, name: str) -> list[str]:
@@ -164,7 +165,7 @@ class FaultyFederation:
         env = dict(self.env)
         if fault is not None:
             self.pending.remove(fault)
-            env["FEDPT_CRASH_AT"] = fault.env
+            env[crash_points.ENV] = fault.env
         self.armed[name] = fault
         self.starts[name] = self.starts.get(name, 0) + 1
         log = open(self.root / f"{name}.{self.starts[name]}.log", "w")  # noqa: SIM115
