@@ -87,20 +87,20 @@ def rerun_with_ranks(launch: Launch) -> int:
 
 # ---- train ------------------------------------------------------------------------------------
 # CLI flag -> TrainConfig field; only flags given on the command line override the config file.
-TRAIN_FLAGS = {
-    "steps": int,
-    "micro_batch_size": int,
-    "grad_accum": int,
-    "seq_len": int,
-    "lr": float,
-    "warmup_steps": int,
-    "weight_decay": float,
-    "grad_clip": float,
-    "seed": int,
-    "eval_every": int,
-    "eval_batches": int,
-    "checkpoint_every": int,
-    "log_every": int,
+TRAIN_FLAGS: dict[str, tuple[type, str]] = {
+    "steps": (int, "optimizer steps (default 200)"),
+    "micro_batch_size": (int, "sequences per rank per forward pass (default 8)"),
+    "grad_accum": (int, "micro-batches per optimizer step (default 1)"),
+    "seq_len": (int, "tokens per training sequence (default 128)"),
+    "lr": (float, "peak AdamW learning rate (default 3e-3)"),
+    "warmup_steps": (int, "linear warm-up steps before the cosine decay (default 20)"),
+    "weight_decay": (float, "AdamW weight decay on matrices (default 0.1)"),
+    "grad_clip": (float, "clip the gradient norm to this; 0: off (default 1.0)"),
+    "seed": (int, "initial weights and data order (default 0)"),
+    "eval_every": (int, "steps between validation passes; 0: only at the end"),
+    "eval_batches": (int, "validation batches per pass (default 16)"),
+    "checkpoint_every": (int, "steps between resumable checkpoints; 0: only at the end"),
+    "log_every": (int, "steps between log lines (default 10)"),
 }
 
 
@@ -125,12 +125,22 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokenizer", help="BPE tokenizer JSON from `fedpt tokenizer train` (default: bytes)"
     )
-    for name, kind in TRAIN_FLAGS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
+    for name, (kind, text) in TRAIN_FLAGS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=text)
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=None,
+        help="auto: bf16 autocast on CUDA, fp32 on CPU (default auto)",
+    )
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None, help="multi-rank mode")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile each block")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None)
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each block's activations in the backward pass (less memory)",
+    )
     add_launch_flags(p)  # more than one rank: relaunches itself under torchrun
     p.add_argument(
         "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
@@ -210,12 +220,27 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint", required=True, help="weights file, checkpoint folder or run folder"
     )
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="corpus to score (as for train --data)")
     p.add_argument("--tokenizer", help="BPE tokenizer JSON (default: found beside the checkpoint)")
-    p.add_argument("--split", choices=("val", "train"), default="val")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, default=1000)
+    p.add_argument(
+        "--split",
+        choices=("val", "train"),
+        default="val",
+        help="which split of the corpus (default val)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per window (default: the run's training seq_len)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        default=1000,
+        help="score at most this many batches (default 1000)",
+    )
     p.set_defaults(func=cmd_eval)
 
 
@@ -242,13 +267,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--tokenizer")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--checkpoint", required=True, help="weights file, checkpoint folder or run folder"
+    )
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--tokenizer", help="BPE tokenizer JSON (default: found beside the checkpoint)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument(
+        "--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -275,8 +304,10 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenizer", help="train a BPE tokenizer")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=OneLineParser)
     t = tsub.add_parser("train", help="train a byte-level BPE on a corpus")
-    t.add_argument("--data", required=True)
-    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--data", required=True, help="folder(s) or file(s) of text, comma-separated")
+    t.add_argument(
+        "--vocab-size", type=int, default=8192, help="tokens in the vocabulary (default 8192)"
+    )
     t.add_argument("--out", required=True, type=Path, help="tokenizer JSON to write")
     t.set_defaults(func=cmd_tokenizer_train)
 
@@ -299,10 +330,19 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare token shards; list the built-in organisations")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
     prep = dsub.add_parser("prepare", help="pack a corpus into train/val token shards")
-    prep.add_argument("--data", required=True)
-    prep.add_argument("--out", required=True, type=Path)
-    prep.add_argument("--tokenizer")
-    prep.add_argument("--val-fraction", type=float, default=0.05)
+    prep.add_argument(
+        "--data",
+        required=True,
+        help="folder(s) or file(s) of text, comma-separated, or builtin[:ORG,...]",
+    )
+    prep.add_argument("--out", required=True, type=Path, help="shard folder to create")
+    prep.add_argument("--tokenizer", help="BPE tokenizer JSON (default: bytes)")
+    prep.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="share of documents held out for validation (default 0.05)",
+    )
     prep.set_defaults(func=cmd_data_prepare)
     orgs = dsub.add_parser("orgs", help="list the organisations of the built-in corpus")
     orgs.set_defaults(func=cmd_data_orgs)
@@ -349,19 +389,29 @@ def cmd_data_orgs(args: argparse.Namespace) -> int:
 # ---- aggregator ------------------------------------------------------------------------------
 # flag -> (config section, key, type)
 AGGREGATOR_FLAGS = {
-    "host": ("server", "host", str),
-    "port": ("server", "port", int),
-    "state_dir": ("store", "state_dir", str),
-    "database_url": ("store", "database_url", str),
-    "name": ("federation", "name", str),
-    "rounds": ("federation", "rounds", int),
-    "inner_steps": ("federation", "inner_steps", int),
-    "min_nodes": ("round", "min_nodes", int),
-    "max_nodes": ("round", "max_nodes", int),
-    "round_timeout": ("round", "timeout_seconds", float),
-    "outer": ("outer", "name", str),
-    "outer_lr": ("outer", "lr", float),
-    "kit": ("server", "kit", str),
+    "host": ("server", "host", str, "address to listen on ([server] host)"),
+    "port": ("server", "port", int, "TCP port; 0: any free ([server] port)"),
+    "state_dir": ("store", "state_dir", str, "checkpoints, spools and the SQLite database"),
+    "database_url": (
+        "store",
+        "database_url",
+        str,
+        "SQLAlchemy URL, e.g. postgresql://... (default: SQLite in the state dir)",
+    ),
+    "name": ("federation", "name", str, "the federation's name ([federation] name)"),
+    "rounds": ("federation", "rounds", int, "rounds to run; 0: until stopped"),
+    "inner_steps": ("federation", "inner_steps", int, "H: inner steps per node per round"),
+    "min_nodes": ("round", "min_nodes", int, "quorum: uploads a round needs to commit"),
+    "max_nodes": ("round", "max_nodes", int, "at most this many nodes per round"),
+    "round_timeout": (
+        "round",
+        "timeout_seconds",
+        float,
+        "seconds a round waits for uploads ([round] timeout_seconds)",
+    ),
+    "outer": ("outer", "name", str, "outer optimizer: fedavg, nesterov or adam"),
+    "outer_lr": ("outer", "lr", float, "outer learning rate ([outer] lr)"),
+    "kit": ("server", "kit", str, "the aggregator's startup kit folder: mutual TLS"),
 }
 
 
@@ -376,8 +426,8 @@ def add_aggregator_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--insecure", action="store_true", help="plain text, no client certificates (tests only)"
     )
-    for flag, (_, _, kind) in AGGREGATOR_FLAGS.items():
-        serve.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None)
+    for flag, (_, _, kind, text) in AGGREGATOR_FLAGS.items():
+        serve.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None, help=text)
     serve.set_defaults(func=cmd_aggregator_serve)
 
 
@@ -385,7 +435,7 @@ def aggregator_config_from_args(args: argparse.Namespace):
     from aggregator.config import load_config
 
     overrides: dict[str, dict] = {}
-    for flag, (section, key, _) in AGGREGATOR_FLAGS.items():
+    for flag, (section, key, _, _) in AGGREGATOR_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             overrides.setdefault(section, {})[key] = value
@@ -404,9 +454,22 @@ def cmd_aggregator_serve(args: argparse.Namespace) -> int:
 
 
 # ---- node -------------------------------------------------------------------------------------
-NODE_FLAGS = {"aggregator": str, "data": str, "organisation": str, "tokenizer": str, "work_dir": str,
-              "kit": str, "poll_seconds": float, "reconnect_timeout_seconds": float,
-              "personalise_steps": int, "personalise_lr": float, "lora_rank": int}  # fmt: skip
+NODE_FLAGS: dict[str, tuple[type, str]] = {
+    "aggregator": (str, "HOST:PORT of the aggregator (default 127.0.0.1:7450)"),
+    "data": (str, "this organisation's private corpus: folder(s) or file(s) of text, comma-"
+                  "separated, a prepared shard folder, or builtin[:ORG]"),
+    "organisation": (str, "name in the logs; with --kit it must be the kit's organisation "
+                          "(default: the kit's, else the data's name)"),
+    "tokenizer": (str, "the federation's BPE JSON when it uses one (checked by sha256)"),
+    "work_dir": (str, "round log, inner state, final and personalised models (default fedpt-node)"),
+    "kit": (str, "this organisation's startup kit folder (`fedpt ca issue`): mutual TLS"),
+    "poll_seconds": (float, "how long one task request may wait at the aggregator (default 10)"),
+    "reconnect_timeout_seconds": (float, "give up after the aggregator is away this long (default 300)"),
+    "personalise_steps": (int, "when the federation ends, adapt the final model on this node's "
+                               "data for this many steps; 0: none (default 0)"),
+    "personalise_lr": (float, "peak lr of personalisation (default: where the inner schedule ended)"),
+    "lora_rank": (int, "rank of the LoRA adapters with --personalise-mode lora (default 8)"),
+}  # fmt: skip
 
 
 def add_node_parser(sub: argparse._SubParsersAction) -> None:
@@ -415,8 +478,8 @@ def add_node_parser(sub: argparse._SubParsersAction) -> None:
     join = nsub.add_parser(
         "join", help="join an aggregator and train rounds until the federation ends"
     )
-    for flag, kind in NODE_FLAGS.items():
-        join.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None)
+    for flag, (kind, text) in NODE_FLAGS.items():
+        join.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None, help=text)
     join.add_argument(
         "--config", type=Path, help="node.toml with a [node] table; flags override it"
     )
@@ -448,15 +511,22 @@ def add_node_parser(sub: argparse._SubParsersAction) -> None:
     own.add_argument("--tokenizer", default=None, help="the federation's BPE JSON, if it uses one")
     own.add_argument("--model", type=Path, default=None,
                      help="weights to adapt (default: WORK_DIR/final/global.safetensors)")  # fmt: skip
-    own.add_argument("--steps", type=int, default=40)
-    own.add_argument("--mode", choices=("full", "lora"), default="full")
+    own.add_argument("--steps", type=int, default=40, help="adaptation steps (default 40)")
+    own.add_argument(
+        "--mode",
+        choices=("full", "lora"),
+        default="full",
+        help="all weights, or low-rank adapters merged at the end (default full)",
+    )
     own.add_argument(
         "--lr",
         type=float,
         default=None,
         help="peak lr (default: where the inner schedule ended; LoRA 3x)",
     )
-    own.add_argument("--lora-rank", type=int, default=8)
+    own.add_argument(
+        "--lora-rank", type=int, default=8, help="rank of the LoRA adapters (default 8)"
+    )
     own.add_argument("--out", type=Path, default=None,
                      help="default: WORK_DIR/final/personalised.safetensors")  # fmt: skip
     own.set_defaults(func=cmd_node_personalise)
@@ -467,9 +537,9 @@ def add_ca_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ca", help="the federation's certificate authority and startup kits")
     csub = p.add_subparsers(dest="ca_command", required=True, parser_class=OneLineParser)
     init = csub.add_parser("init", help="create a federation CA (keep ca.key offline)")
-    init.add_argument("--out", required=True, type=Path)
-    init.add_argument("--name", default="fedpt federation CA")
-    init.add_argument("--days", type=int, default=3650)
+    init.add_argument("--out", required=True, type=Path, help="folder for ca.pem and ca.key")
+    init.add_argument("--name", default="fedpt federation CA", help="the CA certificate's name")
+    init.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
     init.set_defaults(func=cmd_ca_init)
     issue = csub.add_parser("issue", help="a startup kit for one organisation (or the aggregator)")
     issue.add_argument(
@@ -481,7 +551,9 @@ def add_ca_parser(sub: argparse._SubParsersAction) -> None:
     issue.add_argument("--out", type=Path, help="kit folder (default: kits/ORG)")
     issue.add_argument("--server-host", action="append", default=[],
                        help="for the aggregator's kit: a DNS name or IP it is reached at (repeatable)")  # fmt: skip
-    issue.add_argument("--days", type=int, default=825)
+    issue.add_argument(
+        "--days", type=int, default=825, help="certificate validity in days (default 825)"
+    )
     issue.set_defaults(func=cmd_ca_issue)
 
 
@@ -587,19 +659,55 @@ def relaunch_node_under_torchrun(cfg: NodeConfig) -> int:
 
 
 # ---- simulate ---------------------------------------------------------------------------------
+# The inner-loop settings a user of `fedpt simulate` tunes (the rest: --train-config).
+SIMULATE_TRAIN_FLAGS = ("micro_batch_size", "grad_accum", "seq_len", "lr", "warmup_steps",
+                        "weight_decay", "grad_clip")  # fmt: skip
+
+
 def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "simulate", help="a whole federation on this machine: 1 aggregator + N node processes"
     )
-    p.add_argument("--nodes", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=24)
-    p.add_argument("--preset", default="tiny")
+    p.add_argument(
+        "--nodes", type=int, default=4, help="node processes, one organisation each (default 4)"
+    )
+    p.add_argument("--rounds", type=int, default=24, help="R: federation rounds (default 24)")
+    p.add_argument(
+        "--preset", default="tiny", help="model preset: tiny, small, 125m, ... (default tiny)"
+    )
     p.add_argument(
         "--data", help="comma-separated sources, one per node (default: built-in organisations)"
     )
-    p.add_argument("--inner-steps", type=int, default=10, help="H: inner steps per round")
-    p.add_argument("--outer", choices=("fedavg", "nesterov", "adam"), default="fedavg")
-    p.add_argument("--outer-lr", type=float, default=None)
+    p.add_argument(
+        "--inner-steps", type=int, default=10, help="H: inner steps per round (default 10)"
+    )
+    p.add_argument(
+        "--outer",
+        choices=("fedavg", "nesterov", "adam"),
+        default="fedavg",
+        help="outer optimizer the aggregator applies to the mean update (default fedavg)",
+    )
+    p.add_argument(
+        "--outer-lr",
+        type=float,
+        default=None,
+        help="outer learning rate (default: fedavg 1, nesterov 0.7, adam 1e-3)",
+    )
+    p.add_argument(
+        "--train-config",
+        type=Path,
+        default=None,
+        help="TOML with a [train] table of the nodes' inner-loop settings (as for "
+        "`fedpt train --config`); the flags below override it",
+    )
+    for name in SIMULATE_TRAIN_FLAGS:
+        kind, text = TRAIN_FLAGS[name]
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            default=None,
+            help=f"nodes' inner loop: {text}",
+        )
     p.add_argument("--outer-momentum", type=float, default=None,
                    help="nesterov's momentum μ (default 0.9)")  # fmt: skip
     p.add_argument("--reset-inner-momentum", action="store_true",
@@ -610,9 +718,24 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
                    help="FedProx: each inner step is pulled towards the round's global model "
                         "with strength μ (default 0: off)")  # fmt: skip
     p.add_argument("--min-nodes", type=int, default=None, help="quorum (default: all nodes)")
-    p.add_argument("--round-timeout", type=float, default=600.0)
-    p.add_argument("--nproc-per-node", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a round waits for uploads before it closes (default 600)",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="ranks (processes) per node, data-parallel inside the node (default 1)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the initial global model and every node's data order (default 0)",
+    )
     p.add_argument("--delta-encoding", choices=("auto", *ENCODINGS), default="auto",
                    help="how updates travel: auto = secure aggregation (masked-int16); plain fp32, "
                         "bf16, int8; secure masked-int32, masked-int16, masked-int8")  # fmt: skip
@@ -621,17 +744,40 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--personalise-steps", type=int, default=None,
                    help="each node adapts the final model on its own data for this many steps "
                         "(default: H; 0: none)")  # fmt: skip
-    p.add_argument("--personalise-mode", choices=("full", "lora"), default="full")
+    p.add_argument(
+        "--personalise-mode",
+        choices=("full", "lora"),
+        default="full",
+        help="all weights, or low-rank adapters merged at the end (default full)",
+    )
     p.add_argument("--no-alone", dest="compare_alone", action="store_false",
                    help="skip training each organisation alone for the closing comparison")  # fmt: skip
     p.add_argument("--out", type=Path, help="run folder (default: runs/sim-TIMESTAMP)")
     p.set_defaults(func=cmd_simulate)
 
 
+def simulate_train_settings(args: argparse.Namespace) -> dict:
+    """The nodes' inner-loop settings: --train-config's [train] table, then the flags."""
+    table: dict = {}
+    if args.train_config is not None:
+        try:
+            raw = tomllib.loads(args.train_config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise UsageError(f"cannot read --train-config {args.train_config}: {e}") from e
+        unknown = sorted(set(raw) - {"model", "train"})
+        if unknown:
+            raise UsageError(
+                f"{args.train_config}: unknown tables {', '.join(unknown)} (expected [train])"
+            )
+        table = dict(raw.get("train", {}))
+    flags = {n: getattr(args, n) for n in SIMULATE_TRAIN_FLAGS if getattr(args, n) is not None}
+    return {**table, **flags}
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpt.simulate import SimulationOptions, simulate
 
-    options = SimulationOptions(
+    options = SimulationOptions(train=simulate_train_settings(args),
         nodes=args.nodes, rounds=args.rounds, preset=args.preset,
         data=[d for d in (args.data or "").split(",") if d], inner_steps=args.inner_steps,
         outer=args.outer, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,

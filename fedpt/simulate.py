@@ -53,6 +53,9 @@ from protos import pki
 # The built-in organisations in the order simulated nodes take them (most different first).
 DEFAULT_ORGS = ("web", "systems", "apps", "core", "docs")
 EVAL_SEQ_LEN, EVAL_BATCH, EVAL_BATCHES = 128, 8, 8
+# Inner-loop fields a federation decides itself: the schedule spans rounds × H, the seed is the
+# federation's.
+FEDERATION_SETS = {"steps", "seed"}
 
 
 class SimulationError(RuntimeError):
@@ -72,6 +75,9 @@ class SimulationOptions:
     reset_inner_optimizer: bool = False  # nodes start each round with fresh AdamW moments
     reset_inner_momentum: bool = False  # ... with AdamW's first moment zeroed, the second kept
     proximal_mu: float = 0.0  # FedProx term of the inner loop ([train] proximal_mu)
+    # The nodes' other inner-loop settings (TrainConfig fields: micro_batch_size, seq_len, lr,
+    # warmup_steps, ...), sent to them as aggregator.toml's [train]; unset: TrainConfig's.
+    train: dict = field(default_factory=dict)
     min_nodes: int | None = None
     round_timeout: float = 600.0
     nproc_per_node: int = 1
@@ -153,9 +159,7 @@ start_grace_seconds = 2.0
 [outer]
 name = "{opts.outer}"
 {outer_settings}
-[train]
-proximal_mu = {opts.proximal_mu}
-
+{payoff.toml_table("train", {**opts.train, "proximal_mu": opts.proximal_mu})}
 [store]
 state_dir = "{run / "aggregator"}"
 # Every version: the watcher scores each one after its round, and short rounds (small H) can
@@ -179,6 +183,16 @@ class Simulation:
             TrainConfig(proximal_mu=opts.proximal_mu)
         except TrainConfigError as e:
             raise SimulationError(f"--proximal-mu: {e}") from e
+        fixed = sorted(set(opts.train) & FEDERATION_SETS)
+        if fixed:
+            raise SimulationError(
+                f"inner settings: {', '.join(fixed)} follow from --rounds, --inner-steps and "
+                "--seed in a federation; leave them out"
+            )
+        try:
+            TrainConfig.from_dict(opts.train)
+        except TrainConfigError as e:
+            raise SimulationError(f"inner settings: {e}") from e
         try:
             PersonaliseConfig(opts.personalisation_steps, opts.personalise_mode)
         except PersonaliseError as e:

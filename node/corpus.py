@@ -84,9 +84,23 @@ def walk_files(
 
 
 def resolve_files(source: str, report: IngestReport) -> list[Path]:
-    """The supported files a source names, in a deterministic order; counts what it saw."""
+    """The supported files a source names, in a deterministic order; counts what it saw.
+    Several folders or files are separated by commas (a path that exists with its comma is
+    taken as one); builtin:ORG1,ORG2 names built-in organisations."""
     if source == BUILTIN_SOURCE or source.startswith(BUILTIN_SOURCE + ":"):
         return _resolve_builtin(source, report)
+    if "," in source and not Path(source).expanduser().exists():
+        parts = [p.strip() for p in source.split(",") if p.strip()]
+        if not parts:
+            raise DataError(f"data source {source!r} names no folder or file")
+        files: dict[Path, None] = {}  # in order, each file once (folders may overlap)
+        for part in parts:
+            files.update(dict.fromkeys(_resolve_path(part, report)))
+        return list(files)
+    return _resolve_path(source, report)
+
+
+def _resolve_path(source: str, report: IngestReport) -> list[Path]:
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source {path} does not exist")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -238,3 +239,20 @@ def test_an_aggregator_that_never_answers_is_one_line_after_the_reconnect_timeou
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"fedpt: error: join: the aggregator at 127.0.0.1:{port} was "
                                "unreachable for 1 s (UNAVAILABLE")  # fmt: skip
+
+
+def test_every_flag_of_every_command_has_a_help_line() -> None:
+    from fedpt.cli import build_parser
+
+    def walk(parser, path: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif action.option_strings and action.dest != "help":
+                yield f"{path} {action.option_strings[0]}", action.help
+
+    flags = list(walk(build_parser(), "fedpt"))
+    assert len(flags) > 100  # every command's flags were walked
+    missing = [flag for flag, text in flags if not text or not text.strip()]
+    assert missing == []

@@ -194,6 +194,29 @@ def test_builtin_sources_resolve() -> None:
     assert len(every) == sum(len(builtin_corpus.organisation_files(o)) for o in ORGS)
 
 
+def test_several_folders_and_files_are_one_comma_separated_source(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "one.txt").write_text("first document\n")
+    (tmp_path / "b" / "two.md").write_text("second document\n")
+    (tmp_path / "three.txt").write_text("third document\n")
+    source = f"{tmp_path / 'a'}, {tmp_path / 'b'},{tmp_path / 'three.txt'},{tmp_path / 'a'}"
+    files = resolve_files(source, IngestReport())
+    assert files == [tmp_path / "a" / "one.txt", tmp_path / "b" / "two.md", tmp_path / "three.txt"]
+    docs, _ = ingest(source)
+    assert sorted(d.strip() for d in docs) == [
+        "first document",
+        "second document",
+        "third document",
+    ]
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_files(f"{tmp_path / 'a'},{tmp_path / 'missing'}", IngestReport())
+    # A folder whose own name has a comma is still one source.
+    (tmp_path / "x,y").mkdir()
+    (tmp_path / "x,y" / "four.txt").write_text("fourth\n")
+    assert resolve_files(str(tmp_path / "x,y"), IngestReport()) == [tmp_path / "x,y" / "four.txt"]
+
+
 def test_unknown_builtin_organisation_lists_valid_ones() -> None:
     with pytest.raises(DataError, match="valid ones are: apps, core"):
         resolve_files("builtin:nope", IngestReport())

@@ -20,11 +20,16 @@ def simulate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", ["1", "2"], ids=["1-rank-nodes", "2-rank-nodes"])
 def test_simulation_runs_and_the_global_validation_loss_falls(tmp_path: Path, ranks: str) -> None:
-    proc = simulate(
-        tmp_path, "--nodes", "2", "--rounds", "2", "--inner-steps", "5", "--nproc-per-node", ranks
-    )
+    proc = simulate(tmp_path, "--nodes", "2", "--rounds", "2", "--inner-steps", "5",
+                    "--nproc-per-node", ranks, "--micro-batch-size", "4", "--seq-len", "64")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = tmp_path / "run"
+    # The inner-loop flags reach every node (through the federation's spec) and the alone runs.
+    for org in ("web", "systems"):
+        records = [json.loads(line) for line in (run / "nodes" / org / "rounds.jsonl").open()]
+        assert [r["tokens"] for r in records] == [5 * 4 * 64 * int(ranks)] * 2, records
+    alone = (run / "alone" / "train.toml").read_text()
+    assert "micro_batch_size = 4" in alone and "seq_len = 64" in alone
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_val_loss"] < summary["initial_val_loss"]
     assert [r["state"] for r in summary["rounds"]] == ["COMMITTED", "COMMITTED"]
