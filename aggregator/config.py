@@ -54,6 +54,10 @@ class ServerConfig:
     # After the last round, stay up until every node has seen STOP, at most this long: longer
     # than a node's reconnect back-off (10 s) plus a long poll, so a node away then still hears it.
     stop_linger_seconds: float = 30.0
+    # One node's calls in flight (aggregator/limits.py): more are refused, RESOURCE_EXHAUSTED;
+    # and its GetTask calls that may wait at once (more are answered without waiting). 0: no limit.
+    max_calls_per_node: int = 16
+    max_long_polls_per_node: int = 2
     kit: str = ""  # the aggregator's startup kit (`fedpt ca issue --server-host ...`): mutual TLS
     insecure: bool = False  # plain text, identity by session token: trusted networks and tests only
 
@@ -64,6 +68,10 @@ class ServerConfig:
             raise AggregatorConfigError("[server] max_workers must be at least 4")
         if self.long_poll_seconds <= 0:
             raise AggregatorConfigError("[server] long_poll_seconds must be positive")
+        if self.max_calls_per_node < 0 or self.max_long_polls_per_node < 0:
+            raise AggregatorConfigError(
+                "[server] max_calls_per_node and max_long_polls_per_node must be ≥ 0 (0: no limit)"
+            )
         if not 0 <= self.stop_linger_seconds <= 3600:
             raise AggregatorConfigError("[server] stop_linger_seconds must be in 0..3600")
         if self.chunk_bytes <= 0 or self.chunk_bytes % 4 or self.chunk_bytes > 64 << 20:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from aggregator.commit import CommitJob, Committer
 from aggregator.intake import UploadIntake
@@ -53,9 +54,14 @@ class RoundLifecycle:
               f"{len(self.intake.completed)} upload(s) kept")  # fmt: skip
 
     # ---- tasks --------------------------------------------------------------------------------
-    def get_task(self, node_id: str, wait_seconds: float, final_model: bool = False) -> pb.Task:
-        """What `node_id` must do now; holds the call up to `wait_seconds` while it would WAIT.
-        `final_model`: a node that will pull the final model after STOP (not yet told)."""
+    def get_task(
+        self, node_id: str, wait_seconds: float, final_model: bool = False,
+        still_wanted: Callable[[], bool] | None = None,
+    ) -> pb.Task:  # fmt: skip
+        """What `node_id` must do now; holds the call up to `wait_seconds` while it would WAIT
+        (and, with `still_wanted`, while the caller is still there: a call whose client gave up
+        gives its thread back within half a second). `final_model`: a node that will pull the
+        final model after STOP (not yet told)."""
         s = self.shared
         if not math.isfinite(wait_seconds):  # NaN would make every comparison below false
             wait_seconds = 0.0
@@ -76,6 +82,8 @@ class RoundLifecycle:
                 remaining = give_up - time.monotonic()
                 if task.kind != pb.Task.WAIT or remaining <= 0:
                     return task
+                if still_wanted is not None and not still_wanted():
+                    return task  # nobody is listening: free the thread
                 # Wake at least twice a second: readiness and the start grace are time-based.
                 s.changed.wait(timeout=min(remaining, 0.5))
 

@@ -139,8 +139,11 @@ class Coordinator:
         return self.membership.authenticate(token)
 
     # ---- tasks --------------------------------------------------------------------------------
-    def get_task(self, node_id: str, wait_seconds: float, final_model: bool = False) -> pb.Task:
-        return self.lifecycle.get_task(node_id, wait_seconds, final_model)
+    def get_task(
+        self, node_id: str, wait_seconds: float, final_model: bool = False,
+        still_wanted: Callable[[], bool] | None = None,
+    ) -> pb.Task:  # fmt: skip
+        return self.lifecycle.get_task(node_id, wait_seconds, final_model, still_wanted)
 
     def every_node_saw_stop(self) -> bool:
         return self.lifecycle.every_node_saw_stop()

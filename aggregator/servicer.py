@@ -17,6 +17,7 @@ from aggregator.errors import (
     Refused,
     Unauthenticated,
 )
+from aggregator.limits import NodeCallLimits
 from aggregator.rounds import Coordinator
 from aggregator.store import NodeRow
 from protos import federation_pb2 as pb
@@ -80,6 +81,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         ca_pem: bytes | None = None,
     ) -> None:
         self.coordinator, self.log, self.ca_pem = coordinator, log, ca_pem
+        server = coordinator.config.server
+        self.limits = NodeCallLimits(server.max_calls_per_node, server.max_long_polls_per_node)
         self._verified: dict[bytes, tuple[pki.PeerIdentity, float]] = {}
 
     def _certified(self, context: grpc.ServicerContext) -> pki.PeerIdentity:
@@ -122,29 +125,42 @@ class FederationServicer(pb_grpc.FederationServicer):
                     f"this certificate belongs to {certified!r}; it cannot join as {organisation!r}"
                 )
             organisation = certified
+            with self.limits.call(f"organisation:{certified}"):
+                node, token = self.coordinator.join(organisation, capabilities)
+            return pb.JoinReply(node_id=node.id, session_token=token, spec=self.coordinator.spec)
         node, token = self.coordinator.join(organisation, capabilities)
         return pb.JoinReply(node_id=node.id, session_token=token, spec=self.coordinator.spec)
 
     @_answer_refusals
     def GetTask(self, request: pb.TaskRequest, context) -> pb.Task:
         node = self._caller(context)
-        return self.coordinator.get_task(node.id, request.wait_seconds, request.final_model)
+        wants_to_wait = request.wait_seconds > 0  # also False for NaN
+        with self.limits.call(node.id), self.limits.long_poll(node.id, wants_to_wait) as may_wait:
+            return self.coordinator.get_task(node.id, request.wait_seconds if may_wait else 0.0,
+                                             request.final_model, context.is_active)  # fmt: skip
 
     @_answer_refusals_streaming
     def PullModel(self, request: pb.PullRequest, context) -> Iterator[pb.ModelStreamMessage]:
-        self._caller(context)
-        payload, manifest = self.coordinator.model_payload(
-            request.model_version, request.from_previous
-        )
-        if request.first_chunk > payload.manifest.num_chunks:
-            raise InvalidArgument(
-                f"first_chunk {request.first_chunk} is past the last chunk ({payload.manifest.num_chunks})"
+        node = self._caller(context)
+        with self.limits.call(node.id):
+            payload, manifest = self.coordinator.model_payload(
+                request.model_version, request.from_previous
             )
-        yield from model_stream_messages(payload, request.first_chunk, manifest)
+            if request.first_chunk > payload.manifest.num_chunks:
+                raise InvalidArgument(
+                    f"first_chunk {request.first_chunk} is past the last chunk ({payload.manifest.num_chunks})"
+                )
+            yield from model_stream_messages(payload, request.first_chunk, manifest)
 
     @_answer_refusals
     def PushUpdate(self, request_iterator: Iterator[pb.UpdateMessage], context) -> pb.PushReply:
         node = self._caller(context)
+        with self.limits.call(node.id):
+            return self._push_update(node, request_iterator)
+
+    def _push_update(
+        self, node: NodeRow, request_iterator: Iterator[pb.UpdateMessage]
+    ) -> pb.PushReply:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidArgument("an update stream must start with its header")
@@ -180,27 +196,32 @@ class FederationServicer(pb_grpc.FederationServicer):
     def AdvertiseKeys(self, request: pb.AdvertiseKeysRequest, context) -> pb.StageAck:
         node, identity = self._secure_caller(context)
         certificate = pki.caller_certificate(context) or b""
-        self.coordinator.advertise_keys(node.id, request, certificate, identity.identity_public)
+        with self.limits.call(node.id):
+            self.coordinator.advertise_keys(node.id, request, certificate, identity.identity_public)
         return pb.StageAck()
 
     @_answer_refusals
     def ShareKeys(self, request: pb.ShareKeysRequest, context) -> pb.StageAck:
         node, _ = self._secure_caller(context)
-        self.coordinator.share_keys(node.id, request)
+        with self.limits.call(node.id):
+            self.coordinator.share_keys(node.id, request)
         return pb.StageAck()
 
     @_answer_refusals
     def GetSecAggState(self, request: pb.SecAggStateRequest, context) -> pb.SecAggState:
         node, _ = self._secure_caller(context)
-        return self.coordinator.secagg_state(node.id, request.round)
+        with self.limits.call(node.id):
+            return self.coordinator.secagg_state(node.id, request.round)
 
     @_answer_refusals
     def Unmask(self, request: pb.UnmaskRequest, context) -> pb.StageAck:
         node, _ = self._secure_caller(context)
-        self.coordinator.unmask(node.id, request)
+        with self.limits.call(node.id):
+            self.coordinator.unmask(node.id, request)
         return pb.StageAck()
 
     @_answer_refusals
     def GetUploadStatus(self, request: pb.UploadStatusRequest, context) -> pb.UploadStatus:
         node = self._caller(context)
-        return self.coordinator.upload_status(node.id, request.round)
+        with self.limits.call(node.id):
+            return self.coordinator.upload_status(node.id, request.round)

@@ -4,6 +4,8 @@ bytes rebuilt out while the others keep adding) give exactly the sum recomputed 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aggregator import accumulator
 from aggregator.checkpoints import CheckpointStore
 from aggregator.config import RoundConfig
+from aggregator.errors import ResourceExhausted
 from aggregator.handlers import SERVICE_NAME
+from aggregator.limits import NodeCallLimits
+from node.client import AggregatorClient
 from protos import federation_pb2 as pb
 from protos.codec import encode
 from tests.test_aggregator import (  # noqa: F401 (serve is a fixture)
@@ -208,3 +213,74 @@ def test_each_round_sums_into_a_fresh_accumulator(tmp_path: Path, serve) -> None
     wait_for_version(agg, 1)
     fresh = agg.coordinator.accumulator
     assert fresh is not first and fresh.total_weight == 0 and not np.any(fresh._sum)
+
+
+def test_node_call_limits_count_exactly() -> None:
+    limits = NodeCallLimits(max_calls=3, max_long_polls=1)
+    with contextlib.ExitStack() as held:
+        for _ in range(3):
+            held.enter_context(limits.call("a"))
+        with pytest.raises(ResourceExhausted, match="already has 3 calls"):
+            held.enter_context(limits.call("a"))
+        held.enter_context(limits.call("b"))  # another node's slots are its own
+        first = held.enter_context(limits.long_poll("a"))
+        second = held.enter_context(limits.long_poll("a"))
+        assert (first, second) == (True, False) and limits.in_flight("a") == (3, 1)
+    assert limits.in_flight("a") == (0, 0) and limits.in_flight("b") == (0, 0)
+    with limits.long_poll("a", wanted=False) as may_wait:  # wait 0: takes no slot
+        assert not may_wait and limits.in_flight("a") == (0, 0)
+    with NodeCallLimits(0, 0).long_poll("a") as may_wait:  # 0: no limit
+        assert may_wait
+
+
+FLOOD = 30  # one node's simultaneous long polls: far more than the server's threads
+FLOOD_WAIT = 6.0
+
+
+@pytest.mark.parametrize("limited", [True, False], ids=["limits", "no-limits"])
+def test_one_nodes_long_poll_flood_does_not_starve_join_or_health(
+    tmp_path: Path,
+    serve,  # noqa: F811
+    limited: bool,
+) -> None:
+    """8 server threads, one node holds 30 GetTask(wait 6 s). With the per-node limit only 2 of
+    them wait, so another node's Join and a health check are answered while they do. Without
+    it (the control run) every thread is held and Join waits for a poll to end."""
+    server = dataclasses.replace(
+        make_config(tmp_path).server, max_workers=8, long_poll_seconds=FLOOD_WAIT,
+        max_long_polls_per_node=2 if limited else 0,
+    )  # fmt: skip
+    agg = serve(make_config(tmp_path, server=server, round=RoundConfig(min_nodes=100)))
+    (flooder,) = join(agg, "flooder")
+    ends: list[tuple[float, float]] = []  # (seconds the poll took, when it ended)
+    started = threading.Barrier(FLOOD + 1)
+
+    def poll() -> None:
+        started.wait()
+        t0 = time.monotonic()
+        # Without the limit, polls queued behind the held ones can run out of deadline.
+        with contextlib.suppress(grpc.RpcError):
+            flooder.get_task(wait_seconds=FLOOD_WAIT)
+        ends.append((time.monotonic() - t0, time.monotonic()))
+
+    threads = [threading.Thread(target=poll) for _ in range(FLOOD)]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.5)  # the polls reach the server and take its threads
+    other = AggregatorClient(agg.address, "newcomer", rpc_timeout=30)
+    health = health_pb2_grpc.HealthStub(other.channel)
+    status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30)
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    other.join()
+    answered = time.monotonic()
+    for t in threads:
+        t.join(timeout=60)
+    held = [took for took, _ in ends if took >= FLOOD_WAIT - 1]
+    first_held_end = min(end for took, end in ends if took >= FLOOD_WAIT - 1)
+    if limited:
+        assert len(held) == 2, sorted(took for took, _ in ends)
+        assert answered < first_held_end  # Join and health did not wait for a thread
+    else:
+        assert len(held) >= 8  # every thread held: the starvation the limit prevents
+        assert answered >= first_held_end
