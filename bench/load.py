@@ -31,12 +31,23 @@ its CPU seconds per phase; the clients' CPU seconds come from each worker's getr
 --repeats R starts a fresh aggregator R times and quotes medians (errors: totals).
 
     python -m bench.load [--clients 256] [--seconds 20] [--long-pollers 64] [--repeats 1] [--tls]
+
+--flood N measures one misbehaving node instead (plain text, --max-workers threads): a flooder
+process joins as one node and keeps N GetTask(wait 10 s) calls open from N threads (each
+re-asks after the WAIT's retry_after, as a node would), while this process, every 50 ms for
+--seconds, joins a new node and runs a health check. Twice, side by side: with the per-node
+limits ([server] max_long_polls_per_node = 2, the default) and without them (0). Printed: p50
+and p99 of Join and of the health check, their errors, and how many of the flooder's polls the
+server answered at once (in < 5 s) instead of holding a thread.
+
+    python -m bench.load --flood 300 [--max-workers 256] [--seconds 20] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -572,6 +583,149 @@ def _ms(value: float) -> object:
 
 
 # ---- main -------------------------------------------------------------------------------------
+# ---- one node's long-poll flood --------------------------------------------------------------
+FLOOD_WAIT_S = 10.0  # each flooding GetTask asks to wait this long (the server's cap)
+PROBE_EVERY_S = 0.05
+
+
+def flooder_main(address: str, polls: int, seconds: float) -> int:
+    """The flooding node: join, then `polls` threads re-ask GetTask(wait 10 s) until `seconds`
+    have passed; prints how many calls the server held (≥ 5 s) and answered at once."""
+    channel = open_channel(address, None)
+    stub = pb_grpc.FederationStub(channel)
+    reply = stub.Join(pb.JoinRequest(organisation="flooder"), timeout=30)
+    metadata = ((SESSION_METADATA, reply.session_token),)
+    until, counts, lock = time.monotonic() + seconds, Counter(), threading.Lock()
+    print("joined", flush=True)
+
+    def poll() -> None:
+        request = pb.TaskRequest(wait_seconds=FLOOD_WAIT_S)
+        while time.monotonic() < until:
+            start = time.monotonic()
+            try:
+                task = stub.GetTask(request, metadata=metadata, timeout=FLOOD_WAIT_S + 30)
+                pause = task.retry_after_seconds
+            except grpc.RpcError:
+                pause = ERROR_BACKOFF_S
+            with lock:
+                counts["held" if time.monotonic() - start >= FLOOD_WAIT_S / 2 else "quick"] += 1
+            time.sleep(pause)
+
+    threads = [threading.Thread(target=poll, daemon=True) for _ in range(polls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=seconds + FLOOD_WAIT_S + 60)
+    print(json.dumps(dict(counts)), flush=True)
+    channel.close()
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FloodTrial:
+    limited: bool
+    join_ms: list[float]
+    health_ms: list[float]
+    errors: Counter[str]
+    polls: dict[str, int]
+
+
+def flood_trial(args: argparse.Namespace, root: Path, limited: bool) -> FloodTrial:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from aggregator.handlers import SERVICE_NAME
+    from bench.aggregate import AggregatorProcess, free_port, toml_table
+
+    port = free_port()
+    config = root / "aggregator.toml"
+    server = {"host": "127.0.0.1", "port": port, "max_workers": args.max_workers,
+              "long_poll_seconds": FLOOD_WAIT_S, "insecure": True,
+              "max_long_polls_per_node": 2 if limited else 0}  # fmt: skip
+    sections = {"server": server, "federation": {"name": "bench-flood", "rounds": 1},
+                "round": {"min_nodes": UNREACHABLE_QUORUM}, "store": {"state_dir": str(root / "state")}}  # fmt: skip
+    config.write_text("\n".join(toml_table(k, v) for k, v in sections.items()))
+    agg = AggregatorProcess(config, root / "aggregator.log", port)
+    flooder = None
+    try:
+        agg.wait_serving(args.timeout)
+        flooder = subprocess.Popen(
+            [sys.executable, "-m", "bench.load", "--flooder", json.dumps([agg.address, args.flood, args.seconds + 3])],
+            stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+        )  # fmt: skip
+        if flooder.stdout is None or flooder.stdout.readline().strip() != "joined":
+            raise BenchError("the flooder did not join")
+        time.sleep(3.0)  # its polls reach the server and take their threads
+        join_ms, health_ms, errors = [], [], Counter()
+        with open_channel(agg.address, None) as channel:
+            stub, health = pb_grpc.FederationStub(channel), health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            until, n = time.monotonic() + args.seconds, 0
+            while time.monotonic() < until:
+                join = pb.JoinRequest(organisation=f"probe-{n:05d}")
+                for name, call in (
+                    ("Join", functools.partial(stub.Join, join, timeout=args.rpc_timeout)),
+                    ("health", functools.partial(health.Check, check, timeout=args.rpc_timeout)),
+                ):
+                    start = time.perf_counter()
+                    try:
+                        call()
+                        (join_ms if name == "Join" else health_ms).append(
+                            (time.perf_counter() - start) * 1e3
+                        )
+                    except grpc.RpcError as e:
+                        errors[f"{name} {e.code().name}"] += 1
+                n += 1
+                time.sleep(PROBE_EVERY_S)
+        out, _ = flooder.communicate(timeout=args.seconds + FLOOD_WAIT_S + 120)
+        polls = json.loads(out.strip().splitlines()[-1])
+        return FloodTrial(limited, join_ms, health_ms, errors, polls)
+    finally:
+        if flooder is not None and flooder.poll() is None:
+            flooder.kill()
+        agg.stop()
+
+
+def _median_over(trials: list[FloodTrial], pick: Callable[[FloodTrial], float]) -> float:
+    return statistics.median(pick(t) for t in trials)
+
+
+def _median_over(trials: list[FloodTrial], pick: Callable[[FloodTrial], float]) -> float:
+    return statistics.median(pick(t) for t in trials)
+
+
+def flood(args: argparse.Namespace) -> None:
+    print(f"bench.load --flood: one node keeps {args.flood} GetTask(wait {FLOOD_WAIT_S:g} s) open "
+          f"while another joins and health is checked every {PROBE_EVERY_S * 1e3:g} ms for "
+          f"{args.seconds:g} s; aggregator max_workers {args.max_workers}; {os.cpu_count()} cores; "
+          f"{args.repeats} repeat(s), medians", flush=True)  # fmt: skip
+    trials: dict[bool, list[FloodTrial]] = {True: [], False: []}
+    for r in range(args.repeats):
+        for limited in (True, False):
+            with tempfile.TemporaryDirectory(prefix="fedpt-bench-flood-", dir=args.tmp_dir) as tmp:
+                trials[limited].append(flood_trial(args, Path(tmp), limited))
+            print(f"  repeat {r + 1}/{args.repeats} {'with' if limited else 'without'} limits "
+                  "done", file=sys.stderr, flush=True)  # fmt: skip
+    print()
+    print(f"{'per-node limits':<22}{'Join p50':>10}{'Join p99':>10}{'health p50':>12}"
+          f"{'health p99':>12}{'polls answered at once':>24}{'errors':>8}")  # fmt: skip
+    for limited, ts in trials.items():
+        med = functools.partial(_median_over, ts)
+        join50 = med(lambda t: percentiles(t.join_ms)[0])
+        join99 = med(lambda t: percentiles(t.join_ms)[2])
+        health50 = med(lambda t: percentiles(t.health_ms)[0])
+        health99 = med(lambda t: percentiles(t.health_ms)[2])
+        quick = med(lambda t: t.polls.get("quick", 0))
+        errors = sum(sum(t.errors.values()) for t in ts)
+        label = "on (2 long polls)" if limited else "off"
+        print(f"{label:<22}{join50:>8.1f}ms{join99:>8.1f}ms{health50:>10.1f}ms{health99:>10.1f}ms"
+              f"{quick:>24.0f}{errors:>8}")  # fmt: skip
+    on, off = trials[True], trials[False]
+    ratio = statistics.median(percentiles(t.join_ms)[2] for t in off) / max(
+        statistics.median(percentiles(t.join_ms)[2] for t in on), 1e-9
+    )
+    print(f"Join p99 without / with the limits: {ratio:.1f}x")
+
+
 def run_mode(args: argparse.Namespace, kits: Kits | None) -> list[Trial]:
     from bench.aggregate import BenchError as AggregateBenchError  # its /proc readers raise it
 
@@ -606,10 +760,20 @@ def main() -> None:
     parser.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of a call (s)")
     parser.add_argument("--timeout", type=float, default=120.0, help="limit of every other wait")
     parser.add_argument("--tmp-dir", type=Path, default=None, help="aggregator state and kits")
+    parser.add_argument("--flood", type=int, default=0,
+                        help="measure one node holding this many long polls instead")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # a worker process's spec (JSON)
+    parser.add_argument("--flooder", help=argparse.SUPPRESS)  # [address, polls, seconds]
     args = parser.parse_args()
     if args.worker:
         sys.exit(worker_main(WorkerSpec(**json.loads(args.worker))))
+    if args.flooder:
+        sys.exit(flooder_main(*json.loads(args.flooder)))
+    if args.flood:
+        if args.max_workers < 4 or args.seconds <= 0 or args.repeats < 1:
+            parser.error("--max-workers ≥ 4, --seconds > 0, --repeats ≥ 1")
+        flood(args)
+        return
     if not 1 <= args.clients < UNREACHABLE_QUORUM or not 0 <= args.long_pollers <= args.clients:
         parser.error(
             f"need 1 ≤ --clients < {UNREACHABLE_QUORUM} and 0 ≤ --long-pollers ≤ --clients"
