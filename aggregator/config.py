@@ -57,6 +57,10 @@ class ServerConfig:
     # One node's calls in flight (aggregator/limits.py): more are refused, RESOURCE_EXHAUSTED;
     # and its GetTask calls that may wait at once (more are answered without waiting). 0: no limit.
     max_calls_per_node: int = 16
+    # HTTP/2 header block of one call (all its metadata): grpc refuses a larger one, and drops
+    # the connection of a header block (e.g. a flood of CONTINUATION frames) past twice this.
+    # fedpt's own metadata is one session token; 0: grpc's defaults (8 KiB, 16 KiB).
+    max_metadata_bytes: int = 4 << 10
     max_long_polls_per_node: int = 2
     kit: str = ""  # the aggregator's startup kit (`fedpt ca issue --server-host ...`): mutual TLS
     insecure: bool = False  # plain text, identity by session token: trusted networks and tests only
@@ -68,6 +72,10 @@ class ServerConfig:
             raise AggregatorConfigError("[server] max_workers must be at least 4")
         if self.long_poll_seconds <= 0:
             raise AggregatorConfigError("[server] long_poll_seconds must be positive")
+        if not (self.max_metadata_bytes == 0 or 1024 <= self.max_metadata_bytes <= 1 << 20):
+            raise AggregatorConfigError(
+                "[server] max_metadata_bytes must be 0 (grpc's defaults) or 1 KiB..1 MiB"
+            )
         if self.max_calls_per_node < 0 or self.max_long_polls_per_node < 0:
             raise AggregatorConfigError(
                 "[server] max_calls_per_node and max_long_polls_per_node must be ≥ 0 (0: no limit)"

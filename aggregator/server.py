@@ -47,6 +47,14 @@ class RunningAggregator:
         self.store.close()
 
 
+def _metadata_options(limit: int) -> list[tuple[str, int]]:
+    if limit <= 0:
+        return []
+    # The soft limit refuses a call whose metadata exceeds it; the hard one is where grpc
+    # stops reading the header block at all.
+    return [("grpc.max_metadata_size", limit), ("grpc.absolute_max_metadata_size", 2 * limit)]
+
+
 def _window_options(window_bytes: int) -> list[tuple[str, int]]:
     if window_bytes <= 0:
         return []
@@ -76,6 +84,7 @@ def start_aggregator(
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
             *_window_options(config.server.stream_window_bytes),
+            *_metadata_options(config.server.max_metadata_bytes),
         ],
     )
     servicer = FederationServicer(coordinator, log, ca_pem=None if kit is None else kit.ca_pem)

@@ -16,17 +16,32 @@ KNOWN); whether each aggregator still stops; wall time and cases/s. Exits 1 if a
 failed, known findings that break one included unless --allow-known.
 
     python -m bench.fuzz [--cases 10000] [--seed 0] [--allow-known] [--show 5]
+
+--continuation-floods N instead measures the HTTP/2 header path: a raw TCP client sends the
+connection preface and one request whose header block never ends: a HEADERS frame opening a
+64 MiB header value, then CONTINUATION frames of 16 KiB until 64 MiB went out or the server
+closed the connection. N such floods, one after the other, against an aggregator process with
+fedpt's header limit ([server] max_metadata_bytes, default) and one with grpc's defaults (0),
+side by side: the aggregator's RSS before and after, the MiB each flood got through before the
+server hung up, and whether health still answers SERVING.
+
+    python -m bench.fuzz --continuation-floods 10
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import socket
+import statistics
+import struct
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+import grpc
 
 from bench.common import print_table
 from tests.fuzzing import (
@@ -112,6 +127,111 @@ def run_target(name: str, target: FuzzTarget, work: list, tally: Tally, seed: in
     tally.broken += [f"{name}: a valid call failed after fuzzing:\n{p}" for p in target.sanity()]
 
 
+# ---- HTTP/2 CONTINUATION floods ----------------------------------------------------------------
+FLOOD_MIB = 64
+H2_MAX_FRAME = 16384  # SETTINGS_MAX_FRAME_SIZE's initial value
+
+
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(payload))[1:]
+        + bytes([kind, flags])
+        + struct.pack(">I", stream)
+        + payload
+    )
+
+
+def hpack_int(value: int, prefix_bits: int) -> bytes:
+    """RFC 7541 §5.1 integer with an N-bit prefix (the prefix's other bits zero)."""
+    top = (1 << prefix_bits) - 1
+    if value < top:
+        return bytes([value])
+    out, value = [top], value - top
+    while value >= 128:
+        out.append(value & 127 | 128)
+        value >>= 7
+    return bytes([*out, value])
+
+
+# An HPACK literal header field without indexing, new name: "f: v" (RFC 7541 §6.2.2).
+SMALL_FIELD = b"\x00\x01f\x01v"
+
+
+def continuation_flood(port: int, mib: int, shape: str) -> int:
+    """Bytes of CONTINUATION payload the server took before it closed the connection.
+    shape "value": one header whose value is `mib` MiB long; "fields": `mib` MiB of tiny header
+    fields (the classic CONTINUATION flood: each one a metadata entry to keep)."""
+    total = mib << 20
+    block = b"\x83\x86\x84"  # :method POST, :scheme http, :path /
+    if shape == "value":  # a literal "x-flood" whose value can only end after `total` bytes
+        block += b"\x00" + hpack_int(7, 7) + b"x-flood" + hpack_int(total, 7)
+        payload = b"a" * H2_MAX_FRAME
+    else:
+        payload = SMALL_FIELD * (H2_MAX_FRAME // len(SMALL_FIELD))
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b""))
+        sock.sendall(h2_frame(1, 0, 1, block))  # HEADERS without END_HEADERS
+        chunk = h2_frame(9, 0, 1, payload)  # CONTINUATION without END_HEADERS
+        try:
+            while sent < total:
+                sock.sendall(chunk)
+                sent += len(payload)
+        except OSError:  # reset or closed by the server: where it stopped reading
+            pass
+    return sent
+
+
+def flood_aggregator(
+    root: Path, limit: int, floods: int, shape: str
+) -> tuple[int, int, list[int], bool]:
+    """(RSS before, RSS after, MiB per flood, still SERVING) of one aggregator process."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from bench.aggregate import AggregatorProcess, free_port, status_bytes, toml_table
+
+    port = free_port()
+    config = root / "aggregator.toml"
+    sections = {"server": {"host": "127.0.0.1", "port": port, "insecure": True,
+                           "max_metadata_bytes": limit},
+                "federation": {"name": "bench-flood", "rounds": 1},
+                "round": {"min_nodes": 100_000}, "store": {"state_dir": str(root / "state")}}  # fmt: skip
+    config.write_text("\n".join(toml_table(k, v) for k, v in sections.items()))
+    agg = AggregatorProcess(config, root / "aggregator.log", port)
+    try:
+        agg.wait_serving(120)
+        time.sleep(1.0)
+        before = status_bytes(agg.pid, "VmRSS")
+        taken = [continuation_flood(port, FLOOD_MIB, shape) >> 20 for _ in range(floods)]
+        time.sleep(1.0)
+        after = status_bytes(agg.pid, "VmRSS")
+        with grpc.insecure_channel(agg.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        return before, after, taken, reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        agg.stop()
+
+
+def continuation_floods(floods: int) -> None:
+    from aggregator.config import ServerConfig
+
+    default = ServerConfig(insecure=True).max_metadata_bytes
+    print(f"{floods} HTTP/2 CONTINUATION floods of {FLOOD_MIB} MiB each against an aggregator "
+          "process (plain text), one with fedpt's header limit and one with grpc's defaults")  # fmt: skip
+    rows = []
+    for shape in ("value", "fields"):
+        for label, limit in ((f"fedpt ({default} B)", default), ("grpc default (0)", 0)):
+            with tempfile.TemporaryDirectory(prefix="fedpt-flood-") as tmp:
+                before, after, taken, serving = flood_aggregator(Path(tmp), limit, floods, shape)
+            rows.append([shape, label, f"{before / 2**20:.1f}", f"{after / 2**20:.1f}",
+                     f"{(after - before) / 2**20:+.1f}", f"{statistics.median(taken):.0f}",
+                         "yes" if serving else "NO"])  # fmt: skip
+    print_table(["flood", "header limit", "RSS before MiB", "RSS after MiB", "growth MiB",
+                 "MiB taken per flood (median)", "SERVING after"], rows)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,7 +241,12 @@ def main() -> None:
     parser.add_argument("--allow-known", action="store_true",
                         help="exit 0 when the only failures are known findings")  # fmt: skip
     parser.add_argument("--show", type=int, default=5, help="violations to print in full")
+    parser.add_argument("--continuation-floods", type=int, default=0,
+                        help="measure this many HTTP/2 CONTINUATION floods instead")  # fmt: skip
     args = parser.parse_args()
+    if args.continuation_floods:
+        continuation_floods(args.continuation_floods)
+        return
     # Uploads of huge finite values overflow in the accumulator and are then refused: expected.
     warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
 
