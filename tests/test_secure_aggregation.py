@@ -59,12 +59,14 @@ def kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pki.StartupKit]:
     return out
 
 
-def start(tmp_path: Path, kits: dict, *, round_timeout: float = 5.0) -> RunningAggregator:
+def start(
+    tmp_path: Path, kits: dict, *, round_timeout: float = 5.0, rounds: int = 1
+) -> RunningAggregator:
     config = AggregatorConfig(
         server=ServerConfig(port=0, long_poll_seconds=0.5, kit=str(kits["aggregator"].directory)),
         federation=FederationConfig(
             name="secure",
-            rounds=1,
+            rounds=rounds,
             inner_steps=INNER_STEPS,
             delta_encoding="masked-int32",
             download_encoding="fp32",
@@ -349,29 +351,60 @@ def test_forged_or_unsigned_keys_are_refused(tmp_path: Path, kits: dict) -> None
         with pytest.raises(grpc.RpcError) as info:
             a.advertise_keys(request)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        # A replay of this round's good keys in another round is refused.
-        sec = NodeSecAgg(a, kits["org0"], fed)
-        sec.advertise(0)
-        good = agg.coordinator.shared.secagg.keys[a.node_id][0]
-        with pytest.raises(grpc.RpcError) as info:
-            a.advertise_keys(pb.AdvertiseKeysRequest(round=1, keys=good))
-        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         agg.stop(grace=0)
 
 
-def test_a_replayed_upload_from_an_earlier_round_is_refused(tmp_path: Path, kits: dict) -> None:
-    agg = start(tmp_path, kits)
+def test_round_0s_keys_and_upload_replayed_in_round_1_are_refused(
+    tmp_path: Path, kits: dict
+) -> None:
+    """A two-round federation: in round 1, a node replays the signed keys it advertised in
+    round 0 and an upload addressed to round 0. The keys' signature binds them to round 0
+    (PERMISSION_DENIED); the upload names a round that is closed (FAILED_PRECONDITION). Neither
+    leaves a trace in round 1, which then completes with fresh keys."""
+    old_keys: dict[str, pb.SignedKeys] = {}
+
+    def unmask_and_stop(client, sec, round_number) -> bool:
+        state = client.secagg_state(round_number)
+        old_keys.update({p.keys.node_id: p.keys for p in state.peers})
+        sec.unmask(round_number)
+        return True  # round 0 only: round 1 is driven below
+
+    agg = start(tmp_path, kits, rounds=2)
     try:
-        run_round(agg, kits, {})
+        run_round(agg, kits, {}, unmask=unmask_and_stop)
         assert agg.coordinator.version == 1
-        client = connect(agg, kits["org0"])
+        clients = [connect(agg, kits[org]) for org in ORGS[:THRESHOLD]]
+        a = clients[0]
+        assert a.node_id in old_keys
+        give_up = time.monotonic() + 30
+        tasks: list = [None] * THRESHOLD
+        while time.monotonic() < give_up and not all(
+            t is not None and t.kind == pb.Task.SECAGG_ADVERTISE_KEYS for t in tasks
+        ):
+            tasks = [c.get_task(wait_seconds=0.2) for c in clients]
+        assert tasks[0].round == 1, tasks
+        with pytest.raises(grpc.RpcError) as info:
+            a.advertise_keys(pb.AdvertiseKeysRequest(round=1, keys=old_keys[a.node_id]))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "signature does not verify" in info.value.details()
         zeros = {
             s.name: torch.zeros(s.shape, dtype=torch.uint32) for s in agg.coordinator.upload_specs
         }
         with pytest.raises(grpc.RpcError) as info:
-            client.push_update(0, 0, zeros, UNIT, 1.0)
+            a.push_update(0, 0, zeros, UNIT, 1.0)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "round 0" in info.value.details(), info.value.details()
+        assert agg.coordinator.shared.secagg.keys == {}  # round 1 holds nothing of either
+        # Round 1 still completes with the nodes' fresh keys.
+        log: list = []
+        threads = [threading.Thread(target=run_node, args=(c, kits[ORGS[i]], i, None, log))
+                   for i, c in enumerate(clients)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert agg.coordinator.version == 2, agg.store.rounds(agg.coordinator.federation_id)
     finally:
         agg.stop(grace=0)
 
