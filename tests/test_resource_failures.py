@@ -220,8 +220,8 @@ def test_database_unreachable_then_back(tmp_path: Path, serve, database_url: str
     wait_for_version(agg, 1)
     for k, v in expected_first_step(global0, d_a, d_b).items():
         torch.testing.assert_close(agg.coordinator.params[k], v, atol=1e-6, rtol=1e-5)
-    assert [r.state for r in agg.store.rounds(agg.coordinator.federation_id)] == [
-        "COMMITTED",
-        "OPEN",
-    ]
+    # The commit opened round 1; whether it has started depends only on whether the nodes'
+    # last GetTask (before the outage) is still within the readiness window: either is right.
+    states = [r.state for r in agg.store.rounds(agg.coordinator.federation_id)]
+    assert states[0] == "COMMITTED" and states[1:] in (["OPEN"], ["TRAINING"]), states
     proxy.cut()
