@@ -108,11 +108,21 @@ def save_checkpoint(
     (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=2, sort_keys=True))
     with open(tmp / STATE_FILE, "rb+") as f:
         os.fsync(f.fileno())
+    # Re-saving a step (a node's round state is saved under the same step again) must never
+    # leave `latest` naming nothing: the old folder steps aside first, and latest_checkpoint
+    # falls back to it until the new one is in place.
+    previous = _aside(directory)
     if directory.exists():
-        shutil.rmtree(directory)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(directory, previous)
     os.replace(tmp, directory)
     fsync_dir(directory.parent)
     _write_latest(directory.parent, directory.name)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _aside(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.previous")
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -128,6 +138,8 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not pointer.is_file():
         return None
     directory = root / pointer.read_text().strip()
+    if not (directory / STATE_FILE).is_file() and (_aside(directory) / STATE_FILE).is_file():
+        return _aside(directory)  # a crash while this step was saved again: the earlier save
     if not (directory / STATE_FILE).is_file():
         raise CheckpointError(f"{pointer} names {directory.name}, which is incomplete or missing")
     return directory

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from model.config import ModelConfig
 from model.tokenizer import ByteTokenizer
 from model.train_config import TrainConfig, TrainConfigError
+from node.checkpoint import STATE_FILE
 from node.schedule import lr_at
 from node.shards import TokenShards, pack_shards
 from node.trainer import Trainer, TrainingError, add_proximal_gradient_
@@ -219,3 +221,35 @@ def test_resetting_the_inner_momentum_zeroes_the_first_moment_and_keeps_the_seco
         assert torch.count_nonzero(before[id(p)]["exp_avg"]) > 0
     trainer.reset_optimizer()
     assert not trainer.optimizer.state
+
+
+def test_a_crash_while_a_step_is_saved_again_leaves_latest_on_the_earlier_save(
+    shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node saves its round state under the same step again (e.g. after a restart). The
+    process dies after the old folder stepped aside and before the new one is renamed in:
+    `latest` still finds a complete checkpoint (the earlier save), not a missing folder."""
+    train, _ = shards
+    trainer = make_trainer(train, tmp_path, steps=4)
+    trainer.train(2)
+    first = trainer.save_checkpoint()
+    saved = (first / STATE_FILE).read_text()
+    real_replace = os.replace
+
+    def dies_when_the_new_folder_moves_in(src, dst):
+        if Path(src).name.endswith(".tmp") and Path(dst) == first:
+            raise KeyboardInterrupt("power cut")  # not an Exception: nothing cleans up
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_when_the_new_folder_moves_in)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    monkeypatch.setattr(os, "replace", real_replace)
+    found = trainer.latest_checkpoint()
+    assert found is not None and (found / STATE_FILE).read_text() == saved
+    resumed = make_trainer(train, tmp_path, steps=4)
+    resumed.load_checkpoint(found)
+    assert resumed.step == 2
+    # The next save of that step completes and tidies up.
+    assert trainer.save_checkpoint() == first and trainer.latest_checkpoint() == first
+    assert not any(p.name.endswith(".previous") for p in first.parent.iterdir())
