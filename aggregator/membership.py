@@ -9,7 +9,6 @@ and the database agree on which token is a node's current one.
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import threading
 import uuid
@@ -17,8 +16,7 @@ import uuid
 from aggregator.errors import InvalidArgument, Unauthenticated
 from aggregator.state import Shared
 from aggregator.store import NodeRow
-
-ORGANISATION_NAME = re.compile(r"[\w .@:/+-]{1,200}")  # matched with fullmatch: no trailing \n
+from protos import pki
 
 
 def token_digest(token: str) -> str:
@@ -31,12 +29,14 @@ class Membership:
         self._lock = threading.Lock()
         self._tokens: dict[str, NodeRow] = {}  # token digest -> node (cache of the store)
         self._by_organisation: dict[str, NodeRow] = {}  # certified organisation -> node
+        self._registered: set[str] | None = None  # every node id in the store, read once
 
     def join(self, organisation: str, capabilities: dict) -> tuple[NodeRow, str]:
-        if not ORGANISATION_NAME.fullmatch(organisation or ""):
-            raise InvalidArgument(
-                "organisation must be 1-200 letters, digits, spaces or . @ : / + - _"
-            )
+        # One rule for every organisation name: the one its certificate was issued under.
+        try:
+            pki.check_organisation(organisation or "")
+        except pki.PKIError as e:
+            raise InvalidArgument(str(e)) from e
         s = self.shared
         token = secrets.token_urlsafe(32)
         node_id = f"node-{uuid.uuid4().hex[:12]}"
@@ -46,6 +46,8 @@ class Membership:
             self._tokens = {d: n for d, n in self._tokens.items() if n.id != node.id}
             self._tokens[token_digest(token)] = node
             self._by_organisation[node.organisation] = node
+            if self._registered is not None:
+                self._registered.add(node.id)
         s.log(f"node {node.id} joined for {organisation!r}")
         return node, token
 
@@ -77,6 +79,13 @@ class Membership:
             return node
 
     def known_nodes(self) -> int:
-        """Nodes with a session seen by this process (everyone ready: no need to wait longer)."""
+        """Nodes that joined this federation, in this process or before a restart (all of them
+        ready: no need to wait for the start grace). Certified nodes do not join again after a
+        restart: counting this process's sessions gave 0 then, and the first two nodes back
+        started a round without the others."""
+        s = self.shared
         with self._lock:
-            return len(self._tokens)
+            if self._registered is None:
+                nodes = s.store_call(s.store.nodes, s.federation_id)
+                self._registered = {n.id for n in nodes}
+            return len(self._registered)

@@ -32,7 +32,7 @@ from aggregator.errors import NotFound, Refused
 from aggregator.federation import FROZEN_SPEC_FIELDS, build_spec, open_federation
 from aggregator.intake import MAX_TOKENS_PER_UPDATE, UploadIntake
 from aggregator.lifecycle import RoundLifecycle
-from aggregator.membership import ORGANISATION_NAME, Membership, token_digest
+from aggregator.membership import Membership, token_digest
 from aggregator.secure_aggregation import SecAggRound
 from aggregator.state import ACCEPTING, GlobalModel, RecoveryError, RoundState, Shared
 from aggregator.store import NodeRow, RoundRow, Store
@@ -40,8 +40,7 @@ from aggregator.uploads import UploadSession
 from protos import federation_pb2 as pb
 from protos.codec import EncodedPayload, SpooledPayload, TensorSpec
 
-__all__ = ["ACCEPTING", "FROZEN_SPEC_FIELDS", "MAX_TOKENS_PER_UPDATE", "ORGANISATION_NAME",
-           "Coordinator", "RecoveryError", "RoundState", "build_spec", "token_digest"]  # fmt: skip
+__all__ = ["ACCEPTING", "FROZEN_SPEC_FIELDS", "MAX_TOKENS_PER_UPDATE", "Coordinator", "RecoveryError", "RoundState", "build_spec", "token_digest"]  # fmt: skip
 
 
 class Coordinator:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -122,9 +121,7 @@ def named_sources(sources: list[str]) -> list[tuple[str, str]]:
     names = []
     for i, source in enumerate(sources):
         # Names become certificate identities: letters, digits, '.', '_', '-' only.
-        base = (
-            re.sub(r"[^A-Za-z0-9._-]", "-", Path(source.replace("builtin:", "")).name) or f"node{i}"
-        )
+        base = pki.organisation_from(Path(source.replace("builtin:", "")).name, f"node{i}")
         names.append((base if base not in [n for n, _ in names] else f"{base}-{i}", source))
     return names
 

@@ -129,6 +129,11 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if not self.data:
             raise NodeConfigError("a node needs --data (its private corpus)")
+        if self.organisation:
+            try:
+                pki.check_organisation(self.organisation)
+            except pki.PKIError as e:
+                raise NodeConfigError(f"--organisation: {e}") from e
         _ = self.launch  # raises LaunchError on bad ranks, hosts or endpoint
         if not self.kit and not self.insecure and not self.node_rank:  # other hosts never dial out
             raise NodeConfigError(
@@ -159,7 +164,9 @@ class NodeConfig:
 
     @property
     def organisation_name(self) -> str:
-        return self.organisation or Path(self.data.replace("builtin:", "")).name or "node"
+        return self.organisation or pki.organisation_from(
+            Path(self.data.replace("builtin:", "")).name
+        )
 
 
 def load_node_config(path: Path | None, overrides: dict) -> NodeConfig:

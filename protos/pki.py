@@ -83,6 +83,13 @@ class PeerIdentity:
         return self.identity_public.public_bytes_raw().hex()
 
 
+def organisation_from(name: str, fallback: str = "node") -> str:
+    """A valid organisation name made of `name` (a folder or data source's name): characters
+    outside the rule become '-', at most 64 kept; `fallback` when nothing is left."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", name)[:64]
+    return cleaned if cleaned.strip(".") else fallback
+
+
 def check_organisation(organisation: str) -> str:
     """The name itself, or PKIError: 1-64 characters of [A-Za-z0-9._-], not '.' or '..'."""
     # '.'/'..' would be harmless in a certificate but are path traps for a default kits/ORG.

@@ -140,6 +140,11 @@ BAD_COMMANDS = [
     (["simulate", "--out", "OUT", "--proximal-mu", "-1"], "proximal_mu must not be negative"),
     (["node", "join", "--insecure", "--data", "CORPUS", "--personalise-lr", "0"], "personalise_lr must be positive"),
     (["node", "join", "--insecure", "--data", "CORPUS", "--lora-rank", "0"], "lora_rank must be at least 1"),
+    # One rule for organisation names, the one `fedpt ca issue` certifies:
+    (["node", "join", "--insecure", "--data", "CORPUS", "--organisation", "acme corp"],
+     "--organisation: organisation 'acme corp' is not valid: use 1-64 characters of A-Z a-z 0-9 . _ -"),
+    (["ca", "issue", "--ca", "OUT", "--org", "acme corp"],
+     "organisation 'acme corp' is not valid: use 1-64 characters of A-Z a-z 0-9 . _ -"),
     (["node", "personalise", "--work-dir", "OUT", "--data", "CORPUS"], "holds no round state"),
     (["node", "personalise", "--work-dir", "OUT", "--data", "CORPUS", "--steps", "0"], "--steps must be at least 1"),
     (["node", "personalise", "--work-dir", "OUT", "--data", "CORPUS", "--mode", "prefix"], "invalid choice"),

@@ -60,8 +60,9 @@ def kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pki.StartupKit]:
 
 
 def start(
-    tmp_path: Path, kits: dict, *, round_timeout: float = 5.0, rounds: int = 1
-) -> RunningAggregator:
+    tmp_path: Path, kits: dict, *, round_timeout: float = 5.0, rounds: int = 1,
+    start_grace: float = 0.3,
+) -> RunningAggregator:  # fmt: skip
     config = AggregatorConfig(
         server=ServerConfig(port=0, long_poll_seconds=0.5, kit=str(kits["aggregator"].directory)),
         federation=FederationConfig(
@@ -73,7 +74,9 @@ def start(
         ),
         model=MODEL,
         train=TRAIN,
-        round=RoundConfig(min_nodes=2, timeout_seconds=round_timeout, start_grace_seconds=0.3),
+        round=RoundConfig(
+            min_nodes=2, timeout_seconds=round_timeout, start_grace_seconds=start_grace
+        ),
         outer=OuterConfig(name="fedavg"),
         store=StoreConfig(state_dir=str(tmp_path / "state")),
         secagg=SecAggConfig(clip=1.0, threshold=THRESHOLD, stage_timeout_seconds=1.5),
@@ -469,5 +472,36 @@ def test_a_node_cannot_claim_another_identity(tmp_path: Path, kits: dict) -> Non
         )
         assert agg.coordinator.lifecycle.ready.get(org1.node_id) is not None and task is not None
         assert reply.node_id != org1.node_id
+    finally:
+        agg.stop(grace=0)
+
+
+def test_after_a_restart_certified_nodes_still_get_the_start_grace(
+    tmp_path: Path, kits: dict
+) -> None:
+    """Five organisations joined; the aggregator restarts. Certified nodes do not join again,
+    so the first two back must not start a round on their own: the round waits the start
+    grace for the others (it counted only this process's sessions, none, and started at once)."""
+    first = start(tmp_path, kits)
+    for org in ORGS:
+        connect(first, kits[org]).close()
+    first.stop(grace=0)
+    agg = start(tmp_path, kits, start_grace=3.0)
+    try:
+        back = [AggregatorClient(agg.address, org, kit=kits[org], rpc_timeout=10)
+                for org in ORGS[:2]]  # fmt: skip
+        quorum_at = time.monotonic()
+        while time.monotonic() < quorum_at + 1.0:  # well inside the 3 s grace
+            for c in back:
+                c.get_task(wait_seconds=0)
+            assert agg.coordinator.round.state == "OPEN", agg.coordinator.round
+            time.sleep(0.05)
+        give_up = time.monotonic() + 15
+        while agg.coordinator.round.state == "OPEN" and time.monotonic() < give_up:
+            for c in back:
+                c.get_task(wait_seconds=0.2)
+        assert agg.coordinator.round.state != "OPEN"  # the grace ended: the two go ahead
+        assert time.monotonic() - quorum_at >= 2.5
+        assert len(agg.coordinator.round.participants) == 2
     finally:
         agg.stop(grace=0)
