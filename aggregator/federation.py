@@ -25,8 +25,10 @@ from protos import federation_pb2 as pb
 
 # Fields of the spec a restarted aggregator may not change under a running federation.
 # chunk_bytes: spooled uploads are checked on restart by the root over their chunks' sha256s.
+# inner_steps, train_config_json: nodes read them at Join, and certified nodes do not join
+# again after a restart: they would go on training with the old ones.
 FROZEN_SPEC_FIELDS = ("model_config_json", "tokenizer_json", "outer_optimizer", "delta_encoding",
-                      "download_encoding", "chunk_bytes")  # fmt: skip
+                      "download_encoding", "chunk_bytes", "inner_steps", "train_config_json")  # fmt: skip
 
 
 def build_spec(

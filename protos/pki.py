@@ -165,9 +165,9 @@ def issue_kit(
         x509.UniformResourceIdentifier(IDENTITY_URI_PREFIX + identity_hex),
         *host_names,
     ]
-    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if host_names:
-        usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
+    # One role per kit: a node's certificate authenticates clients only, the aggregator's
+    # servers only, so the aggregator's kit cannot join the federation as a node.
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH if host_names else ExtendedKeyUsageOID.CLIENT_AUTH]
     now = _utcnow()
     # A certificate must not outlive the CA that vouches for it.
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
@@ -225,8 +225,9 @@ def load_kit(directory: Path) -> StartupKit:
         _read(directory / name, "startup kit") for name in REQUIRED_KIT_FILES
     )
     _parse_ca(ca_pem, directory / CA_CERT)
+    role = "server" if is_server_certificate(cert_pem) else "client"
     try:
-        peer = verify_certificate(cert_pem, ca_pem)
+        peer = verify_certificate(cert_pem, ca_pem, role=role)
     except PKIError as e:
         raise PKIError(f"{directory / NODE_CERT}: {e}") from None
     cert = x509.load_pem_x509_certificate(cert_pem)  # parses: verify_certificate checked it
@@ -256,11 +257,13 @@ def load_kit(directory: Path) -> StartupKit:
 
 
 def verify_certificate(
-    cert_pem: bytes, ca_pem: bytes, *, now: dt.datetime | None = None
+    cert_pem: bytes, ca_pem: bytes, *, now: dt.datetime | None = None, role: str = "client"
 ) -> PeerIdentity:
     """The organisation and identity key a certificate vouches for, after checking that the CA
     signed it (ECDSA-SHA256), that it is valid at `now` (default: the current time), that it is
-    not itself a CA, and that it names exactly one organisation and one identity key."""
+    not itself a CA, that it is certified for `role` ("client": a node, the default; "server":
+    the aggregator, for its first host name), and that it names exactly one organisation and
+    one identity key."""
     if now is None:
         now = _utcnow()
     elif now.tzinfo is None:
@@ -287,7 +290,10 @@ def verify_certificate(
     # checks above, which exist to give a precise message for the common failures.
     try:
         policy = PolicyBuilder().store(Store([ca])).time(now).max_chain_depth(0)
-        policy.build_client_verifier().verify(cert, [])
+        if role == "server":
+            policy.build_server_verifier(_first_host(cert, label)).verify(cert, [])
+        else:
+            policy.build_client_verifier().verify(cert, [])
     except VerificationError as e:
         raise PKIError(f"{label} fails path validation: {e}") from None
     try:
@@ -345,6 +351,29 @@ def caller_organisation(context: grpc.ServicerContext, ca_pem: bytes) -> PeerIde
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+def is_server_certificate(cert_pem: bytes) -> bool:
+    """Whether the certificate is certified for TLS servers (an aggregator's kit)."""
+    try:
+        eku = x509.load_pem_x509_certificate(cert_pem).extensions.get_extension_for_class(
+            x509.ExtendedKeyUsage
+        )
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return ExtendedKeyUsageOID.SERVER_AUTH in eku.value
+
+
+def _first_host(cert: x509.Certificate, label: str) -> x509.GeneralName:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise PKIError(f"{label} has no subjectAltName (not issued by fedpt?)") from None
+    hosts = [*san.get_values_for_type(x509.IPAddress), *san.get_values_for_type(x509.DNSName)]
+    if not hosts:
+        raise PKIError(f"{label} names no host name: it is no server certificate")
+    host = hosts[0]
+    return x509.DNSName(host) if isinstance(host, str) else x509.IPAddress(host)
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 

@@ -22,6 +22,7 @@ from aggregator.config import (
     StoreConfig,
 )
 from aggregator.outer import OuterConfig
+from aggregator.rounds import RecoveryError
 from aggregator.server import RunningAggregator, start_aggregator
 from model.config import ModelConfig
 from node.client import SESSION_METADATA, AggregatorClient
@@ -456,3 +457,27 @@ def test_a_node_that_asks_for_the_final_model_is_served_it_before_the_aggregator
     assert a.get_task(wait_seconds=0).kind == pb.Task.STOP  # "I have it"
     lingering.join(timeout=5)
     assert not lingering.is_alive(), "every node has what it needs, yet the aggregator lingers"
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"federation": {"inner_steps": 7}}, "inner_steps"),
+        ({"train": {"lr": 1e-4}}, "train_config_json"),
+    ],
+)
+def test_a_restart_may_not_change_what_nodes_read_at_join(
+    tmp_path: Path, change: dict, field: str
+) -> None:
+    """Certified nodes never join again after a restart: H and the inner settings they train
+    with are frozen with the federation, like the model."""
+    config = make_config(tmp_path)
+    start_aggregator(config, log=lambda _m: None).stop(grace=0)
+    changed = dataclasses.replace(
+        config,
+        federation=dataclasses.replace(config.federation, **change.get("federation", {})),
+        train={**config.train, **change.get("train", {})},
+    )
+    with pytest.raises(RecoveryError, match=f"created with another {field}"):
+        start_aggregator(changed, log=lambda _m: None)
+    start_aggregator(config, log=lambda _m: None).stop(grace=0)  # unchanged: it resumes

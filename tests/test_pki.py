@@ -112,7 +112,7 @@ def test_server_kit_names_its_hosts(fed: Federation) -> None:
     assert san.get_values_for_type(x509.DNSName) == ["agg.example.org"]
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]  # a server only: it cannot join
 
 
 def test_issue_kit_refuses_to_overwrite(fed: Federation) -> None:
@@ -226,9 +226,19 @@ def forge(
 
 
 def test_verify_certificate_accepts_a_good_one(fed: Federation) -> None:
-    peer = pki.verify_certificate(fed.server.cert_pem, fed.acme.ca_pem)
-    assert peer.organisation == "aggregator"
-    assert peer.identity_public == fed.server.identity_key.public_key()
+    peer = pki.verify_certificate(fed.acme.cert_pem, fed.acme.ca_pem)
+    assert peer.organisation == "acme"
+    assert peer.identity_public == fed.acme.identity_key.public_key()
+    server = pki.verify_certificate(fed.server.cert_pem, fed.acme.ca_pem, role="server")
+    assert server.organisation == "aggregator"
+    assert server.identity_public == fed.server.identity_key.public_key()
+
+
+def test_each_kit_is_certified_for_its_own_role_only(fed: Federation) -> None:
+    with pytest.raises(PKIError, match="required EKU not found"):
+        pki.verify_certificate(fed.server.cert_pem, fed.acme.ca_pem)  # as a node
+    with pytest.raises(PKIError, match="names no host name: it is no server certificate"):
+        pki.verify_certificate(fed.acme.cert_pem, fed.acme.ca_pem, role="server")
 
 
 def test_verify_certificate_rejects_another_cas_certificate(fed: Federation) -> None:

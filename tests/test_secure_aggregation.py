@@ -505,3 +505,20 @@ def test_after_a_restart_certified_nodes_still_get_the_start_grace(
         assert len(agg.coordinator.round.participants) == 2
     finally:
         agg.stop(grace=0)
+
+
+def test_the_aggregators_own_kit_cannot_join_as_a_node(tmp_path: Path, kits: dict) -> None:
+    """Server kits certify serverAuth only: presented as a client certificate, the handshake
+    (or, failing that, fedpt's own path validation) refuses it, and no node is registered."""
+    agg = start(tmp_path, kits)
+    try:
+        server_kit = kits["aggregator"]
+        with pytest.raises(pki.PKIError, match="path validation"):
+            pki.verify_certificate(server_kit.cert_pem, server_kit.ca_pem)
+        client = AggregatorClient(agg.address, "aggregator", kit=server_kit, rpc_timeout=5)
+        with pytest.raises(grpc.RpcError) as info:
+            client.join()
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+        assert agg.store.nodes(agg.coordinator.federation_id) == []
+    finally:
+        agg.stop(grace=0)
