@@ -61,6 +61,9 @@ class ServerConfig:
     # the connection of a header block (e.g. a flood of CONTINUATION frames) past twice this.
     # fedpt's own metadata is one session token; 0: grpc's defaults (8 KiB, 16 KiB).
     max_metadata_bytes: int = 4 << 10
+    # glibc malloc arenas of the aggregator process (aggregator/memory.py); 0: glibc's default
+    # (8 per core), under which memory freed by many gRPC threads stays with the process.
+    malloc_arenas: int = 2
     max_long_polls_per_node: int = 2
     kit: str = ""  # the aggregator's startup kit (`fedpt ca issue --server-host ...`): mutual TLS
     insecure: bool = False  # plain text, identity by session token: trusted networks and tests only
@@ -75,6 +78,10 @@ class ServerConfig:
         if not (self.max_metadata_bytes == 0 or 1024 <= self.max_metadata_bytes <= 1 << 20):
             raise AggregatorConfigError(
                 "[server] max_metadata_bytes must be 0 (grpc's defaults) or 1 KiB..1 MiB"
+            )
+        if not 0 <= self.malloc_arenas <= 64:
+            raise AggregatorConfigError(
+                "[server] malloc_arenas must be in 0..64 (0: glibc's default)"
             )
         if self.max_calls_per_node < 0 or self.max_long_polls_per_node < 0:
             raise AggregatorConfigError(

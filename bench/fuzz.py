@@ -20,10 +20,11 @@ failed, known findings that break one included unless --allow-known.
 --continuation-floods N instead measures the HTTP/2 header path: a raw TCP client sends the
 connection preface and one request whose header block never ends: a HEADERS frame opening a
 64 MiB header value, then CONTINUATION frames of 16 KiB until 64 MiB went out or the server
-closed the connection. N such floods, one after the other, against an aggregator process with
-fedpt's header limit ([server] max_metadata_bytes, default) and one with grpc's defaults (0),
-side by side: the aggregator's RSS before and after, the MiB each flood got through before the
-server hung up, and whether health still answers SERVING.
+closed the connection; or ("fields") a header block of 64 MiB of tiny header fields. N floods
+of each, one after the other, against an aggregator process with fedpt's defaults ([server]
+max_metadata_bytes, malloc_arenas) and one with grpc's and glibc's (both 0), side by side: the
+aggregator's RSS before and after, the MiB each flood got through before the server hung up,
+and whether health still answers SERVING.
 
     python -m bench.fuzz --continuation-floods 10
 """
@@ -183,7 +184,7 @@ def continuation_flood(port: int, mib: int, shape: str) -> int:
 
 
 def flood_aggregator(
-    root: Path, limit: int, floods: int, shape: str
+    root: Path, server: dict, floods: int, shape: str
 ) -> tuple[int, int, list[int], bool]:
     """(RSS before, RSS after, MiB per flood, still SERVING) of one aggregator process."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -192,8 +193,7 @@ def flood_aggregator(
 
     port = free_port()
     config = root / "aggregator.toml"
-    sections = {"server": {"host": "127.0.0.1", "port": port, "insecure": True,
-                           "max_metadata_bytes": limit},
+    sections = {"server": {"host": "127.0.0.1", "port": port, "insecure": True, **server},
                 "federation": {"name": "bench-flood", "rounds": 1},
                 "round": {"min_nodes": 100_000}, "store": {"state_dir": str(root / "state")}}  # fmt: skip
     config.write_text("\n".join(toml_table(k, v) for k, v in sections.items()))
@@ -217,18 +217,21 @@ def flood_aggregator(
 def continuation_floods(floods: int) -> None:
     from aggregator.config import ServerConfig
 
-    default = ServerConfig(insecure=True).max_metadata_bytes
+    ours = ServerConfig(insecure=True)
     print(f"{floods} HTTP/2 CONTINUATION floods of {FLOOD_MIB} MiB each against an aggregator "
-          "process (plain text), one with fedpt's header limit and one with grpc's defaults")  # fmt: skip
+          "process (plain text), one with fedpt's defaults (header limit "
+          f"{ours.max_metadata_bytes} B, {ours.malloc_arenas} malloc arenas) and one with grpc's "
+          "and glibc's (max_metadata_bytes = 0, malloc_arenas = 0)")  # fmt: skip
+    settings = {"fedpt": {}, "grpc, glibc": {"max_metadata_bytes": 0, "malloc_arenas": 0}}
     rows = []
     for shape in ("value", "fields"):
-        for label, limit in ((f"fedpt ({default} B)", default), ("grpc default (0)", 0)):
+        for label, server in settings.items():
             with tempfile.TemporaryDirectory(prefix="fedpt-flood-") as tmp:
-                before, after, taken, serving = flood_aggregator(Path(tmp), limit, floods, shape)
+                before, after, taken, serving = flood_aggregator(Path(tmp), server, floods, shape)
             rows.append([shape, label, f"{before / 2**20:.1f}", f"{after / 2**20:.1f}",
                      f"{(after - before) / 2**20:+.1f}", f"{statistics.median(taken):.0f}",
                          "yes" if serving else "NO"])  # fmt: skip
-    print_table(["flood", "header limit", "RSS before MiB", "RSS after MiB", "growth MiB",
+    print_table(["flood", "defaults", "RSS before MiB", "RSS after MiB", "growth MiB",
                  "MiB taken per flood (median)", "SERVING after"], rows)  # fmt: skip
 
 
