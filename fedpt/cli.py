@@ -387,32 +387,26 @@ def cmd_data_orgs(args: argparse.Namespace) -> int:
 
 
 # ---- aggregator ------------------------------------------------------------------------------
-# flag -> (config section, key, type)
+# flag -> (config section, key, type, help)
+# fmt: off
 AGGREGATOR_FLAGS = {
     "host": ("server", "host", str, "address to listen on ([server] host)"),
     "port": ("server", "port", int, "TCP port; 0: any free ([server] port)"),
     "state_dir": ("store", "state_dir", str, "checkpoints, spools and the SQLite database"),
-    "database_url": (
-        "store",
-        "database_url",
-        str,
-        "SQLAlchemy URL, e.g. postgresql://... (default: SQLite in the state dir)",
-    ),
+    "database_url": ("store", "database_url", str,
+                     "SQLAlchemy URL, e.g. postgresql://... (default: SQLite in the state dir)"),
     "name": ("federation", "name", str, "the federation's name ([federation] name)"),
     "rounds": ("federation", "rounds", int, "rounds to run; 0: until stopped"),
     "inner_steps": ("federation", "inner_steps", int, "H: inner steps per node per round"),
     "min_nodes": ("round", "min_nodes", int, "quorum: uploads a round needs to commit"),
     "max_nodes": ("round", "max_nodes", int, "at most this many nodes per round"),
-    "round_timeout": (
-        "round",
-        "timeout_seconds",
-        float,
-        "seconds a round waits for uploads ([round] timeout_seconds)",
-    ),
+    "round_timeout": ("round", "timeout_seconds", float,
+                      "seconds a round waits for uploads ([round] timeout_seconds)"),
     "outer": ("outer", "name", str, "outer optimizer: fedavg, nesterov or adam"),
     "outer_lr": ("outer", "lr", float, "outer learning rate ([outer] lr)"),
     "kit": ("server", "kit", str, "the aggregator's startup kit folder: mutual TLS"),
 }
+# fmt: on
 
 
 def add_aggregator_parser(sub: argparse._SubParsersAction) -> None:
