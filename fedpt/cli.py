@@ -148,22 +148,24 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def read_config_tables(path: Path | None, what: str) -> tuple[dict, dict]:
+    """The [model] and [train] tables of a `--config`-style TOML file (empty without one)."""
+    if path is None:
+        return {}, {}
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"cannot read {what} {path}: {e}") from e
+    unknown = sorted(set(raw) - {"model", "train"})
+    if unknown:
+        raise UsageError(f"{path}: unknown tables {', '.join(unknown)} (expected [model], [train])")
+    return dict(raw.get("model", {})), dict(raw.get("train", {}))
+
+
 def load_train_configs(args: argparse.Namespace) -> tuple[ModelConfig, object]:
     from model.train_config import TrainConfig
 
-    model_table: dict = {}
-    train_table: dict = {}
-    if args.config is not None:
-        try:
-            raw = tomllib.loads(args.config.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise UsageError(f"cannot read config {args.config}: {e}") from e
-        unknown = sorted(set(raw) - {"model", "train"})
-        if unknown:
-            raise UsageError(
-                f"{args.config}: unknown tables {', '.join(unknown)} (expected [model], [train])"
-            )
-        model_table, train_table = dict(raw.get("model", {})), dict(raw.get("train", {}))
+    model_table, train_table = read_config_tables(args.config, "config")
     preset_name = args.preset or model_table.pop("preset", "tiny")
     model_table.pop("preset", None)
     base = preset(preset_name)
@@ -751,19 +753,9 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def simulate_train_settings(args: argparse.Namespace) -> dict:
-    """The nodes' inner-loop settings: --train-config's [train] table, then the flags."""
-    table: dict = {}
-    if args.train_config is not None:
-        try:
-            raw = tomllib.loads(args.train_config.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise UsageError(f"cannot read --train-config {args.train_config}: {e}") from e
-        unknown = sorted(set(raw) - {"model", "train"})
-        if unknown:
-            raise UsageError(
-                f"{args.train_config}: unknown tables {', '.join(unknown)} (expected [train])"
-            )
-        table = dict(raw.get("train", {}))
+    """The nodes' inner-loop settings: --train-config's [train] table, then the flags (its
+    [model] table, if any, is not simulate's: --preset picks the model)."""
+    _, table = read_config_tables(args.train_config, "--train-config")
     flags = {n: getattr(args, n) for n in SIMULATE_TRAIN_FLAGS if getattr(args, n) is not None}
     return {**table, **flags}
 
