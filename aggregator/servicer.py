@@ -3,6 +3,7 @@ turns every refusal into a status code with a clear message. No round logic, SQL
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -125,10 +126,15 @@ class FederationServicer(pb_grpc.FederationServicer):
                     f"this certificate belongs to {certified!r}; it cannot join as {organisation!r}"
                 )
             organisation = certified
-            with self.limits.call(f"organisation:{certified}"):
-                node, token = self.coordinator.join(organisation, capabilities)
-            return pb.JoinReply(node_id=node.id, session_token=token, spec=self.coordinator.spec)
-        node, token = self.coordinator.join(organisation, capabilities)
+        # A certified organisation's joins count against its limit; plain-text callers have no
+        # identity before they join.
+        limit = (
+            self.limits.call(f"organisation:{organisation}")
+            if self.ca_pem is not None
+            else contextlib.nullcontext()
+        )
+        with limit:
+            node, token = self.coordinator.join(organisation, capabilities)
         return pb.JoinReply(node_id=node.id, session_token=token, spec=self.coordinator.spec)
 
     @_answer_refusals
