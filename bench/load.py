@@ -36,7 +36,7 @@ its CPU seconds per phase; the clients' CPU seconds come from each worker's getr
 process joins as one node and keeps N GetTask(wait 10 s) calls open from N threads (each
 re-asks after the WAIT's retry_after, as a node would), while this process, every 50 ms for
 --seconds, joins a new node and runs a health check. Twice, side by side: with the per-node
-limits ([server] max_long_polls_per_node = 2, the default) and without them (0). Printed: p50
+limits (the defaults: max_calls_per_node 16, max_long_polls_per_node 2) and without them (0). Printed: p50
 and p99 of Join and of the health check, their errors, and how many of the flooder's polls the
 server answered at once (in < 5 s) instead of holding a thread.
 
