@@ -57,6 +57,7 @@ class ServerConfig:
     # One node's calls in flight (aggregator/limits.py): more are refused, RESOURCE_EXHAUSTED;
     # and its GetTask calls that may wait at once (more are answered without waiting). 0: no limit.
     max_calls_per_node: int = 16
+    max_long_polls_per_node: int = 2
     # HTTP/2 header block of one call (all its metadata): grpc refuses a larger one, and drops
     # the connection of a header block (e.g. a flood of CONTINUATION frames) past twice this.
     # fedpt's own metadata is one session token; 0: grpc's defaults (8 KiB, 16 KiB).
@@ -64,7 +65,6 @@ class ServerConfig:
     # glibc malloc arenas of the aggregator process (aggregator/memory.py); 0: glibc's default
     # (8 per core), under which memory freed by many gRPC threads stays with the process.
     malloc_arenas: int = 2
-    max_long_polls_per_node: int = 2
     kit: str = ""  # the aggregator's startup kit (`fedpt ca issue --server-host ...`): mutual TLS
     insecure: bool = False  # plain text, identity by session token: trusted networks and tests only
 

@@ -40,7 +40,8 @@ from aggregator.uploads import UploadSession
 from protos import federation_pb2 as pb
 from protos.codec import EncodedPayload, SpooledPayload, TensorSpec
 
-__all__ = ["ACCEPTING", "FROZEN_SPEC_FIELDS", "MAX_TOKENS_PER_UPDATE", "Coordinator", "RecoveryError", "RoundState", "build_spec", "token_digest"]  # fmt: skip
+__all__ = ["ACCEPTING", "FROZEN_SPEC_FIELDS", "MAX_TOKENS_PER_UPDATE", "Coordinator",
+           "RecoveryError", "RoundState", "build_spec", "token_digest"]  # fmt: skip
 
 
 class Coordinator:

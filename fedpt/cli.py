@@ -533,7 +533,7 @@ def add_ca_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ca", help="the federation's certificate authority and startup kits")
     csub = p.add_subparsers(dest="ca_command", required=True, parser_class=OneLineParser)
     init = csub.add_parser("init", help="create a federation CA (keep ca.key offline)")
-    init.add_argument("--out", required=True, type=Path, help="folder for ca.pem and ca.key")
+    init.add_argument("--out", required=True, type=Path, help="folder for ca.crt and ca.key")
     init.add_argument("--name", default="fedpt federation CA", help="the CA certificate's name")
     init.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
     init.set_defaults(func=cmd_ca_init)

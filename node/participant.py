@@ -77,6 +77,11 @@ class AggregatorUnreachable(RuntimeError):
     timeout: one line for the operator instead of a gRPC traceback."""
 
 
+class AggregatorAway(AggregatorUnreachable):
+    """The aggregator stayed unreachable past the reconnect timeout (after the federation's
+    last round, the node finishes instead)."""
+
+
 # What grpc's details say when TLS fails, as opposed to a network that is down: retrying
 # cannot help (another CA, a revoked or foreign kit, an aggregator kit used as a node's).
 _HANDSHAKE_FAILURE = ("handshake failed", "ssl_error", "certificate_verify_failed", "tsi_")
@@ -410,8 +415,8 @@ class Participant:
                         ),
                         "get a task",
                     )
-                except grpc.RpcError as e:
-                    if e.code() not in RECONNECT_CODES or not self._final_round_done():
+                except AggregatorAway:
+                    if not self._final_round_done():
                         raise
                     self.log(
                         f"the aggregator is gone after the final round ({self.total_rounds}) "
@@ -692,7 +697,7 @@ class Participant:
                     self.log(f"{what}: session unknown to the aggregator; joining again")
                     self._reconnecting(self.client.join, "join")
                     continue
-                if code == grpc.StatusCode.UNAVAILABLE and handshake_failed(e):
+                if handshake_failed(e):
                     raise AggregatorUnreachable(
                         f"{what}: the TLS handshake with {self.cfg.aggregator} failed: the "
                         "aggregator does not accept this kit's certificate, or its own is not "
@@ -701,9 +706,7 @@ class Participant:
                 if code not in RECONNECT_CODES:
                     raise
                 if time.monotonic() + delay > give_up:
-                    if what == "get a task" and self._final_round_done():
-                        raise  # _next_task: the federation ended while this node was away
-                    raise AggregatorUnreachable(
+                    raise AggregatorAway(
                         f"{what}: the aggregator at {self.cfg.aggregator} was unreachable for "
                         f"{self.cfg.reconnect_timeout_seconds:g} s ({code.name}: "
                         f"{(e.details() or '').strip()})"

@@ -296,10 +296,7 @@ def verify_certificate(
             policy.build_client_verifier().verify(cert, [])
     except VerificationError as e:
         raise PKIError(f"{label} fails path validation: {e}") from None
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise PKIError(f"{label} has no subjectAltName (not issued by fedpt?)") from None
+    san = _subject_alt_names(cert, label)
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     orgs = [u.removeprefix(ORG_URI_PREFIX) for u in uris if u.startswith(ORG_URI_PREFIX)]
     keys = [u.removeprefix(IDENTITY_URI_PREFIX) for u in uris if u.startswith(IDENTITY_URI_PREFIX)]
@@ -362,11 +359,15 @@ def is_server_certificate(cert_pem: bytes) -> bool:
     return ExtendedKeyUsageOID.SERVER_AUTH in eku.value
 
 
-def _first_host(cert: x509.Certificate, label: str) -> x509.GeneralName:
+def _subject_alt_names(cert: x509.Certificate, label: str) -> x509.SubjectAlternativeName:
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise PKIError(f"{label} has no subjectAltName (not issued by fedpt?)") from None
+
+
+def _first_host(cert: x509.Certificate, label: str) -> x509.GeneralName:
+    san = _subject_alt_names(cert, label)
     hosts = [*san.get_values_for_type(x509.IPAddress), *san.get_values_for_type(x509.DNSName)]
     if not hosts:
         raise PKIError(f"{label} names no host name: it is no server certificate")
