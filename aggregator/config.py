@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aggregator.memory import MAX_MMAP_THRESHOLD_BYTES
 from aggregator.outer import OuterConfig, OuterConfigError
 from model.config import ConfigError, ModelConfig, dataclass_from_dict, preset
 from model.train_config import TrainConfig, TrainConfigError
@@ -65,6 +66,9 @@ class ServerConfig:
     # glibc malloc arenas of the aggregator process (aggregator/memory.py); 0: glibc's default
     # (8 per core), under which memory freed by many gRPC threads stays with the process.
     malloc_arenas: int = 2
+    # Blocks of this size or more are mmap'ed, so given back when freed (aggregator/memory.py);
+    # 0: glibc's dynamic threshold, under which a freed large block keeps the next ones in the heap.
+    malloc_mmap_threshold_bytes: int = 1 << 20
     kit: str = ""  # the aggregator's startup kit (`fedpt ca issue --server-host ...`): mutual TLS
     insecure: bool = False  # plain text, identity by session token: trusted networks and tests only
 
@@ -82,6 +86,10 @@ class ServerConfig:
         if not 0 <= self.malloc_arenas <= 64:
             raise AggregatorConfigError(
                 "[server] malloc_arenas must be in 0..64 (0: glibc's default)"
+            )
+        if not (0 <= self.malloc_mmap_threshold_bytes <= MAX_MMAP_THRESHOLD_BYTES):
+            raise AggregatorConfigError(
+                "[server] malloc_mmap_threshold_bytes must be in 0..32 MiB (0: glibc's dynamic one)"
             )
         if self.max_calls_per_node < 0 or self.max_long_polls_per_node < 0:
             raise AggregatorConfigError(

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from aggregator.config import AggregatorConfig
 from aggregator.errors import Refused
 from aggregator.handlers import SERVICE_NAME, add_federation_service
-from aggregator.memory import limit_malloc_arenas
+from aggregator.memory import fix_mmap_threshold, limit_malloc_arenas
 from aggregator.rounds import Coordinator
 from aggregator.servicer import FederationServicer
 from aggregator.store import Store
@@ -116,6 +116,7 @@ def start_aggregator(
 def serve_forever(config: AggregatorConfig, log: Callable[[str], None] = print) -> None:
     """Serve until SIGINT/SIGTERM or until the federation has finished."""
     limit_malloc_arenas(config.server.malloc_arenas)  # before the server's threads exist
+    fix_mmap_threshold(config.server.malloc_mmap_threshold_bytes)
     running = start_aggregator(config, log)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -33,6 +33,7 @@ upload the aggregator buffers depends on timing, so the upload peak varies betwe
 --repeats R runs each N R times, each with a fresh aggregator, and quotes medians.
 
     python -m bench.aggregate [--nodes 2,8,32] [--repeats 1] [--dim 1024 --layers 4]
+                              [--server KEY=VALUE ...]
 
 The bench process holds N pulled models at once (N × model bytes); the aggregator spools
 N × model bytes to disk (--tmp-dir) until the round commits.
@@ -54,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -165,14 +167,16 @@ def toml_table(name: str, values: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_config(path: Path, model: ModelConfig, nodes: int, port: int, state_dir: Path) -> None:
+def write_config(
+    path: Path, model: ModelConfig, nodes: int, port: int, state_dir: Path, server: dict
+) -> None:
     fields = dataclasses.asdict(model)
     del fields["vocab_size"]  # the aggregator sets it from the tokenizer
     sections = {
         # Plain text and fp32 deltas: the streaming path this bench measures (mutual TLS and
         # secure aggregation's masked-int32 uploads are not measured here).
         "server": {"host": "127.0.0.1", "port": port, "long_poll_seconds": 2.0,
-                   "max_workers": max(64, 2 * nodes + 8), "insecure": True},
+                   "max_workers": max(64, 2 * nodes + 8), "insecure": True, **server},
         "federation": {"name": "bench-aggregate", "rounds": 1, "delta_encoding": "fp32"},
         "model": {k: v for k, v in fields.items() if v is not None},
         "round": {"min_nodes": nodes, "max_nodes": nodes, "timeout_seconds": 600.0,
@@ -288,7 +292,7 @@ def push_payload(
 def trial(model: ModelConfig, nodes: int, args: argparse.Namespace, root: Path) -> Trial:
     port = free_port()
     config = root / "aggregator.toml"
-    write_config(config, model, nodes, port, root / "state")
+    write_config(config, model, nodes, port, root / "state", args.server)
     agg = AggregatorProcess(config, root / "aggregator.log", port)
     clients: list[AggregatorClient] = []
     pool = ThreadPoolExecutor(max_workers=nodes, thread_name_prefix="node")
@@ -451,7 +455,13 @@ def main() -> None:
                         help="clients call push_update (re-encodes the delta per node)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=300.0, help="limit of every wait (s)")
     parser.add_argument("--tmp-dir", type=Path, default=None, help="where state is spooled")
+    parser.add_argument("--server", action="append", default=[], metavar="KEY=VALUE",
+                        help="an aggregator.toml [server] setting (a TOML value), repeatable")  # fmt: skip
     args = parser.parse_args()
+    try:
+        args.server = {k: v for item in args.server for k, v in tomllib.loads(item).items()}
+    except tomllib.TOMLDecodeError as e:
+        parser.error(f"--server takes KEY=VALUE with a TOML value: {e}")
     try:
         node_counts = [int(n) for n in args.nodes.split(",")]
     except ValueError:
@@ -468,7 +478,8 @@ def main() -> None:
     print(f"model: {params / 1e6:.2f}M params = {4 * params / 1e6:.1f} MB fp32 (d={args.dim}, "
           f"{args.layers} layers); N = {args.nodes}; {args.repeats} repeat(s); "
           f"{os.cpu_count()} cores; uploads via "
-          f"{'push_update' if args.push_update else 'one pre-encoded payload'}", flush=True)  # fmt: skip
+          f"{'push_update' if args.push_update else 'one pre-encoded payload'}"
+          f"{''.join(f'; [server] {k} = {v!r}' for k, v in args.server.items())}", flush=True)  # fmt: skip
     report({n: run_trials(model, params, n, args) for n in node_counts})
 
 

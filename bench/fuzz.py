@@ -22,9 +22,9 @@ connection preface and one request whose header block never ends: a HEADERS fram
 64 MiB header value, then CONTINUATION frames of 16 KiB until 64 MiB went out or the server
 closed the connection; or ("fields") a header block of 64 MiB of tiny header fields. N floods
 of each, one after the other, against an aggregator process with fedpt's defaults ([server]
-max_metadata_bytes, malloc_arenas) and one with grpc's and glibc's (both 0), side by side: the
-aggregator's RSS before and after, the MiB each flood got through before the server hung up,
-and whether health still answers SERVING.
+max_metadata_bytes, malloc_arenas, malloc_mmap_threshold_bytes) and one with grpc's and glibc's
+(all 0), side by side: the aggregator's RSS before and after, the MiB each flood got through
+before the server hung up, and whether health still answers SERVING.
 
     python -m bench.fuzz --continuation-floods 10
 """
@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import socket
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -59,6 +57,7 @@ from tests.fuzzing import (
     stop_within,
     violation_kind,
 )
+from tests.http2_floods import continuation_flood
 
 STAGE_RPCS = {
     "ADVERTISE": ("AdvertiseKeys", "GetSecAggState", "GetTask"),
@@ -130,57 +129,6 @@ def run_target(name: str, target: FuzzTarget, work: list, tally: Tally, seed: in
 
 # ---- HTTP/2 CONTINUATION floods ----------------------------------------------------------------
 FLOOD_MIB = 64
-H2_MAX_FRAME = 16384  # SETTINGS_MAX_FRAME_SIZE's initial value
-
-
-def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes([kind, flags])
-        + struct.pack(">I", stream)
-        + payload
-    )
-
-
-def hpack_int(value: int, prefix_bits: int) -> bytes:
-    """RFC 7541 §5.1 integer with an N-bit prefix (the prefix's other bits zero)."""
-    top = (1 << prefix_bits) - 1
-    if value < top:
-        return bytes([value])
-    out, value = [top], value - top
-    while value >= 128:
-        out.append(value & 127 | 128)
-        value >>= 7
-    return bytes([*out, value])
-
-
-# An HPACK literal header field without indexing, new name: "f: v" (RFC 7541 §6.2.2).
-SMALL_FIELD = b"\x00\x01f\x01v"
-
-
-def continuation_flood(port: int, mib: int, shape: str) -> int:
-    """Bytes of CONTINUATION payload the server took before it closed the connection.
-    shape "value": one header whose value is `mib` MiB long; "fields": `mib` MiB of tiny header
-    fields (the classic CONTINUATION flood: each one a metadata entry to keep)."""
-    total = mib << 20
-    block = b"\x83\x86\x84"  # :method POST, :scheme http, :path /
-    if shape == "value":  # a literal "x-flood" whose value can only end after `total` bytes
-        block += b"\x00" + hpack_int(7, 7) + b"x-flood" + hpack_int(total, 7)
-        payload = b"a" * H2_MAX_FRAME
-    else:
-        payload = SMALL_FIELD * (H2_MAX_FRAME // len(SMALL_FIELD))
-    sent = 0
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b""))
-        sock.sendall(h2_frame(1, 0, 1, block))  # HEADERS without END_HEADERS
-        chunk = h2_frame(9, 0, 1, payload)  # CONTINUATION without END_HEADERS
-        try:
-            while sent < total:
-                sock.sendall(chunk)
-                sent += len(payload)
-        except OSError:  # reset or closed by the server: where it stopped reading
-            pass
-    return sent
 
 
 def flood_aggregator(
@@ -220,9 +168,11 @@ def continuation_floods(floods: int) -> None:
     ours = ServerConfig(insecure=True)
     print(f"{floods} HTTP/2 CONTINUATION floods of {FLOOD_MIB} MiB each against an aggregator "
           "process (plain text), one with fedpt's defaults (header limit "
-          f"{ours.max_metadata_bytes} B, {ours.malloc_arenas} malloc arenas) and one with grpc's "
-          "and glibc's (max_metadata_bytes = 0, malloc_arenas = 0)")  # fmt: skip
-    settings = {"fedpt": {}, "grpc, glibc": {"max_metadata_bytes": 0, "malloc_arenas": 0}}
+          f"{ours.max_metadata_bytes} B, {ours.malloc_arenas} malloc arenas, mmap threshold "
+          f"{ours.malloc_mmap_threshold_bytes >> 10} KiB) and one with grpc's and glibc's "
+          "(max_metadata_bytes, malloc_arenas, malloc_mmap_threshold_bytes all 0)")  # fmt: skip
+    glibc = {"max_metadata_bytes": 0, "malloc_arenas": 0, "malloc_mmap_threshold_bytes": 0}
+    settings = {"fedpt": {}, "grpc, glibc": glibc}
     rows = []
     for shape in ("value", "fields"):
         for label, server in settings.items():

@@ -19,12 +19,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aggregator import accumulator
 from aggregator.checkpoints import CheckpointStore
 from aggregator.config import RoundConfig
-from aggregator.errors import ResourceExhausted
+from aggregator.errors import ResourceExhausted, RoundClosed
 from aggregator.handlers import SERVICE_NAME
 from aggregator.limits import NodeCallLimits
+from aggregator.round_sum import RoundSum
+from aggregator.uploads import UploadSession
+from model.writeback import SequentialFile
 from node.client import AggregatorClient
 from protos import federation_pb2 as pb
-from protos.codec import encode
+from protos.codec import encode, specs_of
 from tests.test_aggregator import (  # noqa: F401 (serve is a fixture)
     CHUNK,
     flip_byte,
@@ -284,3 +287,38 @@ def test_one_nodes_long_poll_flood_does_not_starve_join_or_health(
     else:
         assert len(held) >= 8  # every thread held: the starvation the limit prevents
         assert answered >= first_held_end
+
+
+def test_a_straggler_discarded_while_its_chunk_is_written_ends_as_round_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round closes (intake.discard, then settle's delete_files in another thread) while the
+    straggler's upload thread is inside its spool write: the discard waits for the write, and
+    the upload ends with RoundClosed, not a write to a closed file (INTERNAL)."""
+    payload = encode({"w": torch.ones(4096)}, 4096)
+    round_sum = RoundSum(0, specs_of({"w": torch.ones(4096)}), "fp32")
+    session = UploadSession("straggler", 0, payload.manifest, 1.0, 1.0, tmp_path, round_sum)
+    write = SequentialFile.write
+    discarding: list[threading.Thread] = []
+
+    def write_while_discarded(spool: SequentialFile, data: bytes) -> None:
+        if not discarding:  # the round closes now, from another thread
+
+            def discard() -> None:
+                session.cancelled = True
+                session.delete_files()
+
+            discarding.append(threading.Thread(target=discard))
+            discarding[0].start()
+            discarding[0].join(0.5)  # unprotected, the file would be closed by now
+        write(spool, data)
+
+    monkeypatch.setattr(SequentialFile, "write", write_while_discarded)
+    with pytest.raises(RoundClosed):
+        session.add_chunk(0, payload.chunk(0))
+    discarding[0].join(10)
+    assert not discarding[0].is_alive()
+    with pytest.raises(RoundClosed):
+        session.add_chunk(1, payload.chunk(1))
+    assert session.added_bytes == 0 and round_sum.accumulator.total_weight == 0
+    assert not session.part_path.exists() and not session.delta_path.exists()
