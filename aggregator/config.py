@@ -66,9 +66,10 @@ class ServerConfig:
     # glibc malloc arenas of the aggregator process (aggregator/memory.py); 0: glibc's default
     # (8 per core), under which memory freed by many gRPC threads stays with the process.
     malloc_arenas: int = 2
-    # Blocks of this size or more are mmap'ed, so given back when freed (aggregator/memory.py);
-    # 0: glibc's dynamic threshold, under which a freed large block keeps the next ones in the heap.
-    malloc_mmap_threshold_bytes: int = 1 << 20
+    # glibc's mmap threshold, fixed (0: glibc's dynamic one), and how often free heap memory is
+    # given back to the system (0: never): see aggregator/memory.py
+    malloc_mmap_threshold_bytes: int = MAX_MMAP_THRESHOLD_BYTES
+    malloc_trim_seconds: float = 60.0
     kit: str = ""  # the aggregator's startup kit (`fedpt ca issue --server-host ...`): mutual TLS
     insecure: bool = False  # plain text, identity by session token: trusted networks and tests only
 
@@ -90,6 +91,10 @@ class ServerConfig:
         if not (0 <= self.malloc_mmap_threshold_bytes <= MAX_MMAP_THRESHOLD_BYTES):
             raise AggregatorConfigError(
                 "[server] malloc_mmap_threshold_bytes must be in 0..32 MiB (0: glibc's dynamic one)"
+            )
+        if not 0 <= self.malloc_trim_seconds <= 86400:
+            raise AggregatorConfigError(
+                "[server] malloc_trim_seconds must be in 0..86400 (0: never)"
             )
         if self.max_calls_per_node < 0 or self.max_long_polls_per_node < 0:
             raise AggregatorConfigError(

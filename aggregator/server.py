@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from aggregator.config import AggregatorConfig
 from aggregator.errors import Refused
 from aggregator.handlers import SERVICE_NAME, add_federation_service
-from aggregator.memory import fix_mmap_threshold, limit_malloc_arenas
+from aggregator.memory import PeriodicTrim, fix_mmap_threshold, limit_malloc_arenas
 from aggregator.rounds import Coordinator
 from aggregator.servicer import FederationServicer
 from aggregator.store import Store
@@ -121,8 +121,10 @@ def serve_forever(config: AggregatorConfig, log: Callable[[str], None] = print) 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    trim = PeriodicTrim(config.server.malloc_trim_seconds)
     try:
         while not stop.wait(0.5):
+            trim.poll()
             if running.coordinator.finished:
                 log("federation finished: letting nodes see STOP, then shutting down")
                 _linger(running.coordinator, stop)

@@ -22,9 +22,9 @@ connection preface and one request whose header block never ends: a HEADERS fram
 64 MiB header value, then CONTINUATION frames of 16 KiB until 64 MiB went out or the server
 closed the connection; or ("fields") a header block of 64 MiB of tiny header fields. N floods
 of each, one after the other, against an aggregator process with fedpt's defaults ([server]
-max_metadata_bytes, malloc_arenas, malloc_mmap_threshold_bytes) and one with grpc's and glibc's
-(all 0), side by side: the aggregator's RSS before and after, the MiB each flood got through
-before the server hung up, and whether health still answers SERVING.
+max_metadata_bytes and the malloc_* keys) and one with grpc's and glibc's (all 0), side by side:
+the aggregator's RSS before and after (each a trim period after start-up or the last flood), the MiB each flood
+got through before the server hung up, and whether health still answers SERVING.
 
     python -m bench.fuzz --continuation-floods 10
 """
@@ -137,8 +137,11 @@ def flood_aggregator(
     """(RSS before, RSS after, MiB per flood, still SERVING) of one aggregator process."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from aggregator.config import ServerConfig
     from bench.aggregate import AggregatorProcess, free_port, status_bytes, toml_table
 
+    # RSS is read once the aggregator has trimmed its heap (if it does) after start-up and floods
+    settle = server.get("malloc_trim_seconds", ServerConfig(insecure=True).malloc_trim_seconds) + 2
     port = free_port()
     config = root / "aggregator.toml"
     sections = {"server": {"host": "127.0.0.1", "port": port, "insecure": True, **server},
@@ -148,10 +151,10 @@ def flood_aggregator(
     agg = AggregatorProcess(config, root / "aggregator.log", port)
     try:
         agg.wait_serving(120)
-        time.sleep(1.0)
+        time.sleep(settle)
         before = status_bytes(agg.pid, "VmRSS")
         taken = [continuation_flood(port, FLOOD_MIB, shape) >> 20 for _ in range(floods)]
-        time.sleep(1.0)
+        time.sleep(settle)
         after = status_bytes(agg.pid, "VmRSS")
         with grpc.insecure_channel(agg.address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -169,9 +172,12 @@ def continuation_floods(floods: int) -> None:
     print(f"{floods} HTTP/2 CONTINUATION floods of {FLOOD_MIB} MiB each against an aggregator "
           "process (plain text), one with fedpt's defaults (header limit "
           f"{ours.max_metadata_bytes} B, {ours.malloc_arenas} malloc arenas, mmap threshold "
-          f"{ours.malloc_mmap_threshold_bytes >> 10} KiB) and one with grpc's and glibc's "
-          "(max_metadata_bytes, malloc_arenas, malloc_mmap_threshold_bytes all 0)")  # fmt: skip
-    glibc = {"max_metadata_bytes": 0, "malloc_arenas": 0, "malloc_mmap_threshold_bytes": 0}
+          f"{ours.malloc_mmap_threshold_bytes >> 20} MiB, trim every {ours.malloc_trim_seconds:g} s) "
+          "and one with grpc's and glibc's (max_metadata_bytes, malloc_arenas, "
+          "malloc_mmap_threshold_bytes, malloc_trim_seconds all 0); RSS read a trim period after "
+          "start-up and after the last flood")  # fmt: skip
+    glibc = {"max_metadata_bytes": 0, "malloc_arenas": 0, "malloc_mmap_threshold_bytes": 0,
+             "malloc_trim_seconds": 0}  # fmt: skip
     settings = {"fedpt": {}, "grpc, glibc": glibc}
     rows = []
     for shape in ("value", "fields"):
