@@ -63,11 +63,10 @@ class ServerConfig:
     # the connection of a header block (e.g. a flood of CONTINUATION frames) past twice this.
     # fedpt's own metadata is one session token; 0: grpc's defaults (8 KiB, 16 KiB).
     max_metadata_bytes: int = 4 << 10
-    # glibc malloc arenas of the aggregator process (aggregator/memory.py); 0: glibc's default
-    # (8 per core), under which memory freed by many gRPC threads stays with the process.
-    malloc_arenas: int = 2
-    # glibc's mmap threshold, fixed (0: glibc's dynamic one), and how often free heap memory is
-    # given back to the system (0: never): see aggregator/memory.py
+    # glibc malloc of the aggregator process (aggregator/memory.py): its arenas (0: glibc's, 8
+    # per core), its mmap threshold (fixed; 0: glibc's dynamic one), and how often free heap
+    # memory is given back to the system (0: never). All three are needed for the last.
+    malloc_arenas: int = 1
     malloc_mmap_threshold_bytes: int = MAX_MMAP_THRESHOLD_BYTES
     malloc_trim_seconds: float = 60.0
     kit: str = ""  # the aggregator's startup kit (`fedpt ca issue --server-host ...`): mutual TLS
