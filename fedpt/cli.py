@@ -494,6 +494,10 @@ def add_node_parser(sub: argparse._SubParsersAction) -> None:
                       help="plain text, no certificates (trusted networks and tests only)")  # fmt: skip
     join.add_argument("--personalise-mode", choices=("full", "lora"), default=None,
                       help="how --personalise-steps adapt the final model (default: full)")  # fmt: skip
+    join.add_argument("--once", action="store_true",
+                      help="take part in one round (or, once the federation has finished, pull "
+                      "the final model) and exit: for a scheduler that starts the node per round, "
+                      "e.g. fedpt's Flower ClientApp; the inner state stays in --work-dir")  # fmt: skip
     join.add_argument("--no-score-global", dest="score_global", action="store_false",
                       default=None, help="do not score each global model on the validation "
                       "split (nor report it to the aggregator)")  # fmt: skip
@@ -596,7 +600,8 @@ def cmd_node_join(args: argparse.Namespace) -> int:
                 "reset_inner_momentum": cfg.reset_inner_momentum,
                 "save_round_state": cfg.save_round_state}  # fmt: skip
         check_same_everywhere("the node settings", same, env)
-        Participant(cfg, env).run()
+        participant = Participant(cfg, env)
+        participant.take_part_once() if args.once else participant.run()
     except grpc.RpcError as e:  # a refusal no retry can change (transient ones were retried)
         raise UsageError(
             f"the aggregator at {cfg.aggregator} refused this node: {e.code().name}: {e.details()}"

@@ -326,6 +326,51 @@ class Participant:
             if self.client is not None:
                 self.client.close()
 
+    def take_part_once(self) -> RoundRecord | None:
+        """One round, for a process started per round (a Flower ClientApp, node/flower.py):
+        join, take the aggregator's next TRAIN task, train and push it, answer that round's
+        secure-aggregation stages, and return once the aggregator has moved past the round.
+        The inner state comes from and goes to work_dir as between rounds of `run`. None: the
+        federation has finished (the final model is pulled, scored and personalised as `run`
+        does then)."""
+        spec = self._join()
+        trainer = self._build_trainer(spec)
+        try:
+            self.trained = self._resume(trainer)
+            started = time.perf_counter()
+            kind, round_number, version = self._next_task()
+            if kind == pb.Task.STOP:
+                self.log("the federation has finished")
+                self._finish(trainer, spec, version)
+                return None
+            record = self._train_round(trainer, spec, round_number, version)
+            record.wait_seconds = (
+                time.perf_counter()
+                - started
+                - (record.pull_seconds + record.train_seconds + record.push_seconds)
+            )
+            self.rounds_log.write(dataclasses.asdict(record))
+            if self.env.is_main and record.pushed:
+                self._until_round_closes(round_number)
+            return record
+        finally:
+            trainer.close()
+            self.rounds_log.close()
+            if self.client is not None:
+                self.client.close()
+
+    def _until_round_closes(self, round_number: int) -> None:
+        """Answer this round's secure-aggregation stages until a task names a later round, or
+        STOP (rank 0). A later round's tasks are left to the process that takes part in it."""
+        while True:
+            reply = self._reconnecting(
+                lambda: self.client.get_task(self.cfg.poll_seconds), "get a task"
+            )
+            if reply.kind == pb.Task.STOP or reply.round > round_number:
+                return
+            if reply.kind in SECAGG_STAGES:
+                self._secagg_stage(reply)
+
     def _resume(self, trainer: Trainer) -> dict | None:
         """Load the state the last process kept (collective); the round it trained, if any."""
         if not self.cfg.save_round_state:

@@ -1,0 +1,138 @@
+"""fedpt's aggregator as a Flower ServerApp (the `flower` extra: flwr, imported lazily).
+
+The ServerApp serves fedpt's own aggregator inside its process: round lifecycle, outer
+optimizer, streaming accumulator, SQL store and the resumable gRPC data plane, exactly as
+`fedpt aggregator serve` does (aggregator/server.py). Flower carries the control messages only:
+each round, every SuperNode gets a TRAIN message naming the data plane's address and the round;
+its ClientApp (node/flower.py) runs one fedpt node round against it (`fedpt node join --once`:
+join, pull, H inner steps, push, the round's secure-aggregation stages) and answers with a few
+metrics. Models never ride Flower's transport, so memory stays O(model) however many nodes
+answer, and a restarted ServerApp resumes from fedpt's database like the native aggregator.
+When the federation has finished, one EVALUATE message has every node pull, score (and, if its
+settings say so, personalise) the final model.
+
+Deployment (`flwr run` against a SuperLink): the run config names the aggregator.toml
+(`aggregator-config`) and, when nodes reach the data plane under another address than
+[server] host:port, that address (`data-plane-address`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from aggregator.config import AggregatorConfig, load_config
+
+# How long the ServerApp waits for enough SuperNodes to be connected before its first round.
+NODES_WAIT_SECONDS = 600.0
+# Replies may lag the round by this much: a node process starts, joins and finishes its round.
+REPLY_SLACK_SECONDS = 300.0
+
+
+class FlowerRunError(RuntimeError):
+    """The Flower run cannot go on (too few SuperNodes, a bad run config); the message says why."""
+
+
+def server_app(config: AggregatorConfig | None = None, log: Callable[[str], None] = print):
+    """A ServerApp serving fedpt's aggregator with `config` (None: read the run config's
+    `aggregator-config` path)."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        from aggregator.server import start_aggregator
+
+        cfg = config or _config_from_run(context.run_config)
+        running = start_aggregator(cfg, log)
+        address = str(
+            context.run_config.get("data-plane-address") or f"{cfg.server.host}:{running.port}"
+        )
+        try:
+            FlowerRounds(grid, running.coordinator, address, cfg, log).run()
+        finally:
+            running.stop()
+
+    return app
+
+
+def _config_from_run(run_config: dict) -> AggregatorConfig:
+    path = run_config.get("aggregator-config")
+    if not path:
+        raise FlowerRunError("the run config needs aggregator-config = <path of aggregator.toml>")
+    return load_config(Path(str(path)))
+
+
+class FlowerRounds:
+    """The ServerApp's main loop: one TRAIN message per node and round, replies pulled one by
+    one as they come; the round itself starts, closes and commits in fedpt's coordinator."""
+
+    def __init__(self, grid, coordinator, address: str, config: AggregatorConfig,
+                 log: Callable[[str], None]) -> None:  # fmt: skip
+        self.grid, self.coordinator, self.address = grid, coordinator, address
+        self.config, self.log = config, log
+        self.last_error = ""  # the last node failure reported
+
+    def run(self) -> None:
+        nodes = self._wait_for_nodes()
+        while not self.coordinator.finished:
+            number = self.coordinator.round.number
+            replies = self._ask(nodes, "train", number)
+            if not replies:  # nobody can take part: the round would wait for ever
+                raise FlowerRunError(f"no node took part in round {number}: {self.last_error}")
+            self._wait_past(number)
+            self.log(f"flower: round {number} over, {len(replies)} of {len(nodes)} nodes answered")
+        self._ask(nodes, "evaluate", self.coordinator.round.number)
+
+    def _wait_for_nodes(self) -> list[int]:
+        wanted = self.config.round.min_nodes
+        give_up = time.monotonic() + NODES_WAIT_SECONDS
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= wanted:
+                self.log(f"flower: {len(nodes)} SuperNodes connected")
+                return nodes
+            if time.monotonic() > give_up:
+                raise FlowerRunError(
+                    f"{len(nodes)} SuperNodes connected in {NODES_WAIT_SECONDS:.0f} s; "
+                    f"[round] min_nodes is {wanted}"
+                )
+            time.sleep(1.0)
+
+    def _ask(self, nodes: Iterable[int], kind: str, number: int) -> dict[int, dict]:
+        """Send `kind` to every node, then pull the replies as they arrive (each dropped once
+        read); the nodes' metrics by node id. Errors are logged, not raised: the round's
+        outcome is the coordinator's (a quorum by the deadline)."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        content = RecordDict({"fedpt": ConfigRecord({"aggregator": self.address,
+                                                     "round": number})})  # fmt: skip
+        messages = [Message(content, node, kind, group_id=str(number)) for node in nodes]
+        pending = {m_id for m_id in self.grid.push_messages(messages) if m_id}
+        replies: dict[int, dict] = {}
+        give_up = time.monotonic() + self.config.round.timeout_seconds + REPLY_SLACK_SECONDS
+        while pending and time.monotonic() < give_up:
+            for reply in self.grid.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    self.last_error = f"node {node} failed its {kind} message: {reply.error.reason}"
+                    self.log(f"flower: {self.last_error}")
+                    continue
+                metrics = dict(reply.content.metric_records.get("fedpt", {}))
+                replies[node] = metrics
+            if pending:
+                time.sleep(0.2)
+        if pending:
+            self.log(f"flower: {len(pending)} node(s) did not answer their {kind} message")
+        return replies
+
+    def _wait_past(self, number: int) -> None:
+        """Until the coordinator has closed round `number` (committed or failed)."""
+        give_up = time.monotonic() + self.config.round.timeout_seconds + REPLY_SLACK_SECONDS
+        while self.coordinator.round.number <= number and not self.coordinator.finished:
+            if time.monotonic() > give_up:
+                raise FlowerRunError(f"round {number} did not close in time")
+            time.sleep(0.2)

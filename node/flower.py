@@ -1,0 +1,134 @@
+"""A fedpt node as a Flower ClientApp (the `flower` extra: flwr, imported lazily).
+
+Flower starts a ClientApp per message; fedpt's inner state lives in the node's work dir, so
+each TRAIN message runs one round in a fresh process, `fedpt node join --once` (torchrun for
+several devices, as `node join` does): join the ServerApp's fedpt data plane (the address is in
+the message), pull the global model, train H inner steps, push the delta, answer the round's
+secure-aggregation stages, and exit once the aggregator has moved past the round. The reply
+carries that round's metrics only. EVALUATE (sent once the federation has finished) pulls,
+scores and personalises the final model the same way, and answers with its validation loss.
+
+Where the organisation's files are comes from the SuperNode, never from the ServerApp:
+`flower-supernode --node-config 'data="/corpus" work-dir="/var/fedpt" kit="/kits/acme"'`, with
+optional `tokenizer`, `organisation`, `devices` (ranks on this host), `config` (a node.toml for
+everything else) and `insecure` (plain text: tests only). The kit is the node's identity on
+the data plane (mutual TLS), whatever Flower's own authentication says.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+# node_config keys (Flower's style) -> `fedpt node join` flags
+PATH_KEYS = {"data": "--data", "work-dir": "--work-dir", "kit": "--kit",
+             "tokenizer": "--tokenizer", "config": "--config"}  # fmt: skip
+VALUE_KEYS = {"organisation": "--organisation", "devices": "--nproc-per-node"}
+FLAG_KEYS = {"insecure": "--insecure"}
+KNOWN_KEYS = {*PATH_KEYS, *VALUE_KEYS, *FLAG_KEYS}
+# Keys Flower's simulation engine sets on every virtual SuperNode.
+SIMULATION_KEYS = {"partition-id", "num-partitions"}
+
+
+class FlowerNodeError(RuntimeError):
+    """The SuperNode's settings are unusable, or the node's round failed; says which."""
+
+
+def node_command(settings: Mapping[str, object], aggregator: str) -> list[str]:
+    """`fedpt node join --once` for these node settings against the data plane `aggregator`."""
+    unknown = sorted(set(settings) - KNOWN_KEYS - SIMULATION_KEYS)
+    if unknown:
+        raise FlowerNodeError(
+            f"unknown node-config keys: {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_KEYS))})"
+        )
+    for key in ("data", "work-dir"):
+        if not settings.get(key):
+            raise FlowerNodeError(f"the SuperNode's node-config needs {key}=...")
+    command = [sys.executable, "-m", "fedpt", "node", "join", "--once", "--aggregator", aggregator]
+    for key, flag in {**PATH_KEYS, **VALUE_KEYS}.items():
+        if settings.get(key) not in (None, ""):
+            command += [flag, str(settings[key])]
+    for key, flag in FLAG_KEYS.items():
+        if settings.get(key) is True or str(settings.get(key)).lower() == "true":
+            command.append(flag)
+    return command
+
+
+def take_part(settings: Mapping[str, object], aggregator: str, kind: str, number: int) -> dict:
+    """Run one `node join --once` and return its metrics (this round's record for TRAIN, the
+    final model's report for EVALUATE); FlowerNodeError with the log's tail if it failed."""
+    work_dir = Path(str(settings.get("work-dir", "")))
+    command = node_command(settings, aggregator)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log_path = work_dir / "flower.log"
+    rounds_log = work_dir / "rounds.jsonl"
+    seen = _lines(rounds_log)
+    with open(log_path, "a") as log:
+        log.write(f"== {kind} message for round {number}: {' '.join(command)}\n")
+        log.flush()
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    if code != 0:
+        raise FlowerNodeError(f"fedpt node join --once exited with {code}:\n{_tail(log_path)}")
+    if kind == "evaluate":
+        report = work_dir / "final" / "report.json"
+        found = json.loads(report.read_text()) if report.is_file() else {}
+        loss = found.get("global_val_loss")
+        return {"version": float(found.get("version", -1)),
+                **({} if loss is None else {"val-loss": float(loss)})}  # fmt: skip
+    records = _lines(rounds_log)[len(seen) :]
+    if not records:  # the federation ended before this node took part
+        return {"trained": 0.0}
+    last = json.loads(records[-1])
+    metrics = {"trained": 1.0, "round": last["round"], "version": last["version"],
+               "tokens": last["tokens"], "pushed": float(last["pushed"]),
+               "pull-seconds": last["pull_seconds"], "train-seconds": last["train_seconds"],
+               "push-seconds": last["push_seconds"]}  # fmt: skip
+    for key in ("train_loss", "base_val_loss"):  # absent or NaN: a round left unpulled
+        if last.get(key) is not None and math.isfinite(last[key]):
+            metrics[key.replace("_", "-")] = last[key]
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def client_app(simulated: list[dict] | None = None):
+    """The ClientApp. `simulated`: node settings by partition id, for Flower's simulation
+    engine (`fedpt simulate --engine flower`); otherwise each SuperNode's node_config."""
+    from flwr.app import Error, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    def handle(message, context, kind: str):
+        try:
+            settings = dict(context.node_config)
+            if simulated is not None:
+                settings = {**settings, **simulated[int(settings["partition-id"])]}
+            order = message.content.config_records["fedpt"]
+            metrics = take_part(settings, str(order["aggregator"]), kind, int(order["round"]))
+        except (FlowerNodeError, KeyError, ValueError, OSError) as e:
+            return Message(Error(code=1, reason=f"fedpt node: {e}"), reply_to=message)
+        return Message(RecordDict({"fedpt": MetricRecord(metrics)}), reply_to=message)
+
+    @app.train()
+    def train(message, context):
+        return handle(message, context, "train")
+
+    @app.evaluate()
+    def evaluate(message, context):
+        return handle(message, context, "evaluate")
+
+    return app

@@ -1,0 +1,143 @@
+"""fedpt on Flower: the ServerApp (aggregator/flower.py) and ClientApp (node/flower.py) on Flower's
+simulation engine, against the same federation run natively. Skipped without the `flower` extra."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from model.io import load_tensors
+from node.flower import FlowerNodeError, node_command
+
+ORGS = ("web", "systems")
+
+
+def aggregator_toml(state_dir: Path, port: int) -> str:
+    return f"""[server]
+host = "127.0.0.1"
+port = {port}
+insecure = true
+long_poll_seconds = 2.0
+[federation]
+name = "flower-test"
+rounds = 2
+inner_steps = 3
+delta_encoding = "fp32"
+download_encoding = "fp32"
+[model]
+preset = "tiny"
+[round]
+min_nodes = {len(ORGS)}
+start_grace_seconds = 0.5
+timeout_seconds = 300
+deterministic = true
+[train]
+micro_batch_size = 4
+seq_len = 64
+[store]
+state_dir = "{state_dir}"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_settings(root: Path) -> list[dict]:
+    return [{"data": f"builtin:{org}", "work-dir": str(root / "nodes" / org), "organisation": org,
+             "insecure": True} for org in ORGS]  # fmt: skip
+
+
+def run_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def global_model(state_dir: Path, version: int = 2) -> dict[str, torch.Tensor]:
+    return load_tensors(state_dir / "checkpoints" / f"global_v{version:08d}.safetensors")[0]
+
+
+def run_on_flower(root: Path) -> subprocess.CompletedProcess:
+    root.mkdir(parents=True)
+    (root / "aggregator.toml").write_text(aggregator_toml(root / "state", 0))
+    (root / "nodes.json").write_text(json.dumps(node_settings(root)))
+    return subprocess.run(
+        [sys.executable, "-m", "fedpt.flower_simulation", "--config", str(root / "aggregator.toml"),
+         "--nodes", str(root / "nodes.json")],
+        capture_output=True, text=True, timeout=900, env=run_env(),
+    )  # fmt: skip
+
+
+def run_natively(root: Path) -> None:
+    root.mkdir(parents=True)
+    port = free_port()
+    (root / "aggregator.toml").write_text(aggregator_toml(root / "state", port))
+    logs = root / "logs"
+    logs.mkdir()
+    commands = {"aggregator": [sys.executable, "-m", "fedpt", "aggregator", "serve", "--config",
+                               str(root / "aggregator.toml")]}  # fmt: skip
+    for settings in node_settings(root):
+        command = node_command(settings, f"127.0.0.1:{port}")
+        command.remove("--once")  # the long-running node: every round in one process
+        commands[settings["organisation"]] = command
+    processes = {}
+    try:
+        for name, command in commands.items():
+            with open(logs / f"{name}.log", "w") as log:
+                processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                   env=run_env())  # fmt: skip
+        for name, proc in processes.items():
+            assert proc.wait(timeout=900) == 0, (logs / f"{name}.log").read_text()[-3000:]
+    finally:
+        for proc in processes.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.slow
+def test_a_federation_on_flowers_engine_equals_the_native_one(tmp_path: Path) -> None:
+    """Same seed and settings (fp32, deterministic sum): the ServerApp and ClientApps give the
+    global model `fedpt aggregator serve` and `fedpt node join` give, and every node kept its
+    round log and scored the final model."""
+    flower = run_on_flower(tmp_path / "flower")
+    assert flower.returncode == 0, flower.stdout[-3000:] + flower.stderr[-3000:]
+    run_natively(tmp_path / "native")
+    on_flower, native = (
+        global_model(tmp_path / "flower" / "state"),
+        global_model(tmp_path / "native" / "state"),
+    )
+    assert on_flower.keys() == native.keys()
+    for name, tensor in native.items():
+        torch.testing.assert_close(on_flower[name], tensor, rtol=0, atol=1e-6, msg=name)
+    initial = global_model(tmp_path / "native" / "state", 0)
+    assert any(not torch.equal(initial[name], tensor) for name, tensor in native.items())
+    for org in ORGS:
+        work_dir = tmp_path / "flower" / "nodes" / org
+        rounds = [json.loads(line) for line in (work_dir / "rounds.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rounds] == [0, 1] and all(r["pushed"] for r in rounds)
+        report = json.loads((work_dir / "final" / "report.json").read_text())
+        assert report["version"] == 2 and report["global_val_loss"] > 0
+
+
+def test_node_settings_come_from_the_supernode_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    command = node_command({"data": "/corpus", "work-dir": "/w", "kit": "/kits/acme", "devices": 2,
+                            "partition-id": 0}, "agg.example:7450")  # fmt: skip
+    assert command[command.index("--aggregator") + 1] == "agg.example:7450"
+    assert command[command.index("--kit") + 1] == "/kits/acme"
+    assert command[command.index("--nproc-per-node") + 1] == "2"
+    assert "--once" in command and "--insecure" not in command
+    with pytest.raises(FlowerNodeError, match="unknown node-config keys: dta"):
+        node_command({"dta": "/corpus", "work-dir": "/w"}, "a:1")
+    with pytest.raises(FlowerNodeError, match="needs data"):
+        node_command({"work-dir": "/w"}, "a:1")
