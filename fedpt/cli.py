@@ -600,8 +600,7 @@ def cmd_node_join(args: argparse.Namespace) -> int:
                 "reset_inner_momentum": cfg.reset_inner_momentum,
                 "save_round_state": cfg.save_round_state}  # fmt: skip
         check_same_everywhere("the node settings", same, env)
-        participant = Participant(cfg, env)
-        participant.take_part_once() if args.once else participant.run()
+        Participant(cfg, env).run(once=args.once)
     except grpc.RpcError as e:  # a refusal no retry can change (transient ones were retried)
         raise UsageError(
             f"the aggregator at {cfg.aggregator} refused this node: {e.code().name}: {e.details()}"

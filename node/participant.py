@@ -299,7 +299,12 @@ class Participant:
             return specs_of(model_state(GPT(model_config)))
 
     # ---- the round loop -----------------------------------------------------------------------
-    def run(self) -> list[RoundRecord]:
+    def run(self, once: bool = False) -> list[RoundRecord]:
+        """Take part in every round until the federation has finished, then pull, score and
+        personalise the final model. `once`: one round, for a process started per round (a
+        Flower ClientApp, node/flower.py): train and push it, answer its secure-aggregation
+        stages, and return once the aggregator has moved past it; the inner state comes from
+        and goes to work_dir as between rounds."""
         spec = self._join()
         trainer = self._build_trainer(spec)
         records: list[RoundRecord] = []
@@ -320,39 +325,10 @@ class Participant:
                 )
                 records.append(record)
                 self.rounds_log.write(dataclasses.asdict(record))
-        finally:
-            trainer.close()
-            self.rounds_log.close()
-            if self.client is not None:
-                self.client.close()
-
-    def take_part_once(self) -> RoundRecord | None:
-        """One round, for a process started per round (a Flower ClientApp, node/flower.py):
-        join, take the aggregator's next TRAIN task, train and push it, answer that round's
-        secure-aggregation stages, and return once the aggregator has moved past the round.
-        The inner state comes from and goes to work_dir as between rounds of `run`. None: the
-        federation has finished (the final model is pulled, scored and personalised as `run`
-        does then)."""
-        spec = self._join()
-        trainer = self._build_trainer(spec)
-        try:
-            self.trained = self._resume(trainer)
-            started = time.perf_counter()
-            kind, round_number, version = self._next_task()
-            if kind == pb.Task.STOP:
-                self.log("the federation has finished")
-                self._finish(trainer, spec, version)
-                return None
-            record = self._train_round(trainer, spec, round_number, version)
-            record.wait_seconds = (
-                time.perf_counter()
-                - started
-                - (record.pull_seconds + record.train_seconds + record.push_seconds)
-            )
-            self.rounds_log.write(dataclasses.asdict(record))
-            if self.env.is_main and record.pushed:
-                self._until_round_closes(round_number)
-            return record
+                if once:
+                    if self.env.is_main and record.pushed:
+                        self._until_round_closes(round_number)
+                    return records
         finally:
             trainer.close()
             self.rounds_log.close()
