@@ -753,6 +753,12 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-alone", dest="compare_alone", action="store_false",
                    help="skip training each organisation alone for the closing comparison")  # fmt: skip
     p.add_argument("--out", type=Path, help="run folder (default: runs/sim-TIMESTAMP)")
+    p.add_argument("--engine", choices=("native", "flower"), default="native",
+                   help="native: an aggregator and a node process per organisation; flower: "
+                        "fedpt's ServerApp and ClientApps on Flower's simulation engine (Ray; "
+                        "the flower extra) (default native)")  # fmt: skip
+    p.add_argument("--ray-address", default="",
+                   help="with --engine flower: an existing Ray cluster to run on (e.g. auto)")  # fmt: skip
     p.set_defaults(func=cmd_simulate)
 
 
@@ -776,6 +782,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         nproc_per_node=args.nproc_per_node, seed=args.seed, delta_encoding=args.delta_encoding,
         download_encoding=args.download_encoding, personalise_steps=args.personalise_steps,
         personalise_mode=args.personalise_mode, compare_alone=args.compare_alone, out=args.out,
+        engine=args.engine, ray_address=args.ray_address,
     )  # fmt: skip
     return 0 if simulate(options) else 1
 

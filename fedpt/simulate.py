@@ -51,6 +51,9 @@ from protos import pki
 
 # The built-in organisations in the order simulated nodes take them (most different first).
 DEFAULT_ORGS = ("web", "systems", "apps", "core", "docs")
+ENGINES = ("native", "flower")
+# Flower's engine starts Ray before the ServerApp serves fedpt's aggregator.
+FLOWER_START_SECONDS = 180.0
 EVAL_SEQ_LEN, EVAL_BATCH, EVAL_BATCHES = 128, 8, 8
 # Inner-loop fields a federation decides itself: the schedule spans rounds × H, the seed is the
 # federation's.
@@ -87,6 +90,10 @@ class SimulationOptions:
     personalise_mode: str = "full"  # full | lora (node/personalise.py)
     compare_alone: bool = True  # train each organisation alone, the same tokens, and compare
     out: Path | None = None
+    # native: an aggregator process and a node process per organisation; flower: fedpt's
+    # ServerApp and ClientApps on Flower's simulation engine (fedpt/flower_simulation.py)
+    engine: str = "native"
+    ray_address: str = ""  # flower: an existing Ray cluster ("auto"); "": one on this machine
 
     @property
     def personalisation_steps(self) -> int:
@@ -174,6 +181,10 @@ class Simulation:
         self.run = opts.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
         if self.run.exists() and any(self.run.iterdir()):
             raise SimulationError(f"{self.run} is not empty; choose another --out")
+        if opts.engine not in ENGINES:
+            raise SimulationError(f"--engine must be one of {', '.join(ENGINES)}")
+        if opts.ray_address and opts.engine != "flower":
+            raise SimulationError("--ray-address is for --engine flower")
         if opts.nodes < 1 or opts.rounds < 1 or opts.inner_steps < 1:
             raise SimulationError("--nodes, --rounds and --inner-steps must be at least 1")
         try:
@@ -208,7 +219,9 @@ class Simulation:
         self.processes: list[subprocess.Popen] = []
 
     # ---- processes ----------------------------------------------------------------------------
-    def _spawn(self, args: list[str], log_name: str) -> tuple[subprocess.Popen, Path]:
+    def _spawn(
+        self, args: list[str], log_name: str, module: str = "fedpt"
+    ) -> tuple[subprocess.Popen, Path]:
         log_path = self.run / "logs" / f"{log_name}.log"
         env = {
             **os.environ,
@@ -217,7 +230,7 @@ class Simulation:
             "FEDPT_CACHE_DIR": str(cache_dir()),
         }
         with open(log_path, "w") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "fedpt", *args], stdout=log_file,
+            proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log_file,
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
         self.processes.append(proc)
         return proc, log_path
@@ -236,14 +249,16 @@ class Simulation:
             pki.issue_kit(pki_dir / "ca", "simulator", pki_dir / "simulator")
         )
 
-    def _wait_healthy(self, address: str, proc: subprocess.Popen, log_path: Path) -> None:
+    def _wait_healthy(
+        self, address: str, proc: subprocess.Popen, log_path: Path, timeout: float = 30.0
+    ) -> None:
         credentials = pki.channel_credentials(self.monitor_kit)
         with grpc.secure_channel(address, credentials) as channel:
-            if wait_until_serving(channel, proc, timeout=30.0):
+            if wait_until_serving(channel, proc, timeout=timeout):
                 return
         if proc.poll() is not None:
             raise SimulationError(f"the aggregator exited at start-up:\n{tail(log_path)}")
-        raise SimulationError("the aggregator did not become healthy within 30 s")
+        raise SimulationError(f"the aggregator did not become healthy within {timeout:.0f} s")
 
     def stop_all(self) -> None:
         for proc in self.processes:
@@ -283,6 +298,23 @@ class Simulation:
         port = free_port()
         address = f"127.0.0.1:{port}"
         config_path = write_aggregator_config(self.opts, self.run, port)
+        if self.opts.engine == "flower":
+            summary = self._run_on_flower(config_path, address, val_sets)
+        else:
+            summary = self._run_natively(config_path, address, val_sets)
+        if self.opts.compare_alone:
+            summary.update(self._compare_with_alone(val_sets))
+            (self.run / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _node_flags(self) -> dict:
+        """The per-node settings besides where its data, work dir and kit are."""
+        return {"reset_inner_optimizer": self.opts.reset_inner_optimizer,
+                "reset_inner_momentum": self.opts.reset_inner_momentum,
+                "personalise_steps": self.opts.personalisation_steps,
+                "personalise_mode": self.opts.personalise_mode}  # fmt: skip
+
+    def _run_natively(self, config_path: Path, address: str, val_sets: list[TokenShards]) -> dict:
         aggregator, agg_log = self._spawn(
             ["aggregator", "serve", "--config", str(config_path)], "aggregator"
         )
@@ -299,11 +331,30 @@ class Simulation:
             proc, log_path = self._spawn(args, f"node-{name}")
             nodes.append(NodeProcess(name, source, proc, log_path))
         self.log(f"simulation: aggregator on {address}, {len(nodes)} nodes, run folder {self.run}")
-        summary = self._watch(aggregator, agg_log, nodes, val_sets)
-        if self.opts.compare_alone:
-            summary.update(self._compare_with_alone(val_sets))
-            (self.run / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
+        return self._watch(aggregator, agg_log, nodes, val_sets)
+
+    def _run_on_flower(self, config_path: Path, address: str, val_sets: list[TokenShards]) -> dict:
+        """fedpt's ServerApp and one ClientApp per organisation on Flower's simulation engine,
+        in one process: the run is over when it exits (after the final EVALUATE)."""
+        settings = []
+        for name, source in self.sources:
+            node_toml = self.run / "nodes" / f"{name}.toml"
+            node_toml.parent.mkdir(parents=True, exist_ok=True)
+            node_toml.write_text(payoff.toml_table("node", self._node_flags()))
+            settings.append({"data": source, "work-dir": str(self.run / "nodes" / name),
+                             "kit": str(self.run / "pki" / name), "organisation": name,
+                             "devices": self.opts.nproc_per_node, "config": str(node_toml)})  # fmt: skip
+        nodes_json = self.run / "flower-nodes.json"
+        nodes_json.write_text(json.dumps(settings, indent=2))
+        args = ["--config", str(config_path), "--nodes", str(nodes_json)]
+        args += ["--ray-address", self.opts.ray_address] if self.opts.ray_address else []
+        flower, flower_log = self._spawn(args, "flower", module="fedpt.flower_simulation")
+        self._wait_healthy(address, flower, flower_log, timeout=FLOWER_START_SECONDS)
+        self.log(f"simulation on Flower's engine: fedpt's ServerApp serves {address}, "
+                 f"{len(settings)} virtual SuperNodes, run folder {self.run}")  # fmt: skip
+        # Every organisation's node lives in that one process (Ray's workers).
+        nodes = [NodeProcess(name, source, flower, flower_log) for name, source in self.sources]
+        return self._watch(flower, flower_log, nodes, val_sets)
 
     def _watch(
         self, aggregator, agg_log: Path, nodes: list[NodeProcess], val_sets: list[TokenShards]
@@ -328,15 +379,15 @@ class Simulation:
                     names.update({n.id: n.organisation for n in store.nodes(fid)})
                     rows.append(self._row(store, fid, r, names, nodes, model_config, val_sets))
                     self.log("  ".join(f"{c:>8}" for c in rows[-1]["cells"]))
+                if aggregator.poll() not in (None, 0):
+                    raise SimulationError(
+                        f"the aggregator exited with {aggregator.returncode}:\n{tail(agg_log)}"
+                    )
                 failed = [n for n in nodes if n.process.poll() not in (None, 0)]
                 if failed:
                     n = failed[0]
                     raise SimulationError(
                         f"node {n.name} exited with {n.process.returncode}:\n{tail(n.log_path)}"
-                    )
-                if aggregator.poll() not in (None, 0):
-                    raise SimulationError(
-                        f"the aggregator exited with {aggregator.returncode}:\n{tail(agg_log)}"
                     )
                 if all(n.process.poll() == 0 for n in nodes) and len(reported) >= self.opts.rounds:
                     break

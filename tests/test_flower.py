@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("flwr")
 
+from aggregator.store import Store
 from model.io import load_tensors
 from node.flower import FlowerNodeError, node_command
 
@@ -141,3 +142,30 @@ def test_node_settings_come_from_the_supernode_and_bad_ones_are_refused(tmp_path
         node_command({"dta": "/corpus", "work-dir": "/w"}, "a:1")
     with pytest.raises(FlowerNodeError, match="needs data"):
         node_command({"work-dir": "/w"}, "a:1")
+
+
+@pytest.mark.slow
+def test_fedpt_simulate_on_flowers_engine_with_secure_aggregation(tmp_path: Path) -> None:
+    """`fedpt simulate --engine flower` with its defaults (mutual TLS, masked-int16 secure
+    aggregation): the secure stages of each round are answered by that round's ClientApp."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedpt", "simulate", "--engine", "flower", "--nodes", "2", "--rounds", "2",
+         "--inner-steps", "3", "--seq-len", "64", "--micro-batch-size", "4", "--no-alone", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, env=run_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["state"], r["nodes"]) for r in summary["rounds"]] == [("COMMITTED", 2)] * 2
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    store = Store(f"sqlite:///{out / 'aggregator' / 'fedpt.db'}")
+    try:
+        _, spec_json, _ = store.find_federation("simulation")
+    finally:
+        store.close()
+    # A masked round commits only once its survivors have unmasked: every stage was answered.
+    assert json.loads(spec_json)["delta_encoding"] == "masked-int16"
+    for org in ORGS:
+        log = (out / "nodes" / org / "flower.log").read_text()
+        assert log.count("== train message") == 2 and log.count("== evaluate message") == 1
+        assert (out / "nodes" / org / "final" / "personalised.safetensors").is_file()

@@ -57,3 +57,15 @@ def test_bad_simulation_arguments_are_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("fedpt: error:") and proc.stderr.count("\n") == 1
     assert "2 sources for 3 nodes" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [(("--ray-address", "auto"), "--ray-address is for --engine flower"),
+     (("--engine", "spark"), "invalid choice: 'spark'")],
+)  # fmt: skip
+def test_bad_engine_settings_are_one_line(tmp_path: Path, args: tuple, words: str) -> None:
+    proc = simulate(tmp_path, *args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("fedpt: error:") and proc.stderr.count("\n") == 1
+    assert words in proc.stderr
