@@ -307,12 +307,17 @@ class Simulation:
             (self.run / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def _node_flags(self) -> dict:
-        """The per-node settings besides where its data, work dir and kit are."""
-        return {"reset_inner_optimizer": self.opts.reset_inner_optimizer,
-                "reset_inner_momentum": self.opts.reset_inner_momentum,
-                "personalise_steps": self.opts.personalisation_steps,
-                "personalise_mode": self.opts.personalise_mode}  # fmt: skip
+    def _node_toml(self, name: str) -> Path:
+        """A node.toml of the per-node settings besides where its data, work dir and kit are
+        (one for both engines)."""
+        path = self.run / "nodes" / f"{name}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(payoff.toml_table("node", {
+            "reset_inner_optimizer": self.opts.reset_inner_optimizer,
+            "reset_inner_momentum": self.opts.reset_inner_momentum,
+            "personalise_steps": self.opts.personalisation_steps,
+            "personalise_mode": self.opts.personalise_mode}))  # fmt: skip
+        return path
 
     def _run_natively(self, config_path: Path, address: str, val_sets: list[TokenShards]) -> dict:
         aggregator, agg_log = self._spawn(
@@ -322,12 +327,8 @@ class Simulation:
         nodes = []
         for name, source in self.sources:
             args = ["node", "join", "--aggregator", address, "--data", source, "--kit", str(self.run / "pki" / name),
-                    "--organisation", name,
+                    "--organisation", name, "--config", str(self._node_toml(name)),
                     "--work-dir", str(self.run / "nodes" / name), "--nproc-per-node", str(self.opts.nproc_per_node)]  # fmt: skip
-            args += ["--reset-inner-optimizer"] if self.opts.reset_inner_optimizer else []
-            args += ["--reset-inner-momentum"] if self.opts.reset_inner_momentum else []
-            args += ["--personalise-steps", str(self.opts.personalisation_steps),
-                     "--personalise-mode", self.opts.personalise_mode]  # fmt: skip
             proc, log_path = self._spawn(args, f"node-{name}")
             nodes.append(NodeProcess(name, source, proc, log_path))
         self.log(f"simulation: aggregator on {address}, {len(nodes)} nodes, run folder {self.run}")
@@ -338,12 +339,10 @@ class Simulation:
         in one process: the run is over when it exits (after the final EVALUATE)."""
         settings = []
         for name, source in self.sources:
-            node_toml = self.run / "nodes" / f"{name}.toml"
-            node_toml.parent.mkdir(parents=True, exist_ok=True)
-            node_toml.write_text(payoff.toml_table("node", self._node_flags()))
             settings.append({"data": source, "work-dir": str(self.run / "nodes" / name),
                              "kit": str(self.run / "pki" / name), "organisation": name,
-                             "devices": self.opts.nproc_per_node, "config": str(node_toml)})  # fmt: skip
+                             "devices": self.opts.nproc_per_node,
+                             "config": str(self._node_toml(name))})  # fmt: skip
         nodes_json = self.run / "flower-nodes.json"
         nodes_json.write_text(json.dumps(settings, indent=2))
         args = ["--config", str(config_path), "--nodes", str(nodes_json)]
