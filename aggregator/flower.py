@@ -18,6 +18,7 @@ Deployment (`flwr run` against a SuperLink): the run config names the aggregator
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,24 +35,27 @@ class FlowerRunError(RuntimeError):
     """The Flower run cannot go on (too few SuperNodes, a bad run config); the message says why."""
 
 
-def server_app(config: AggregatorConfig | None = None, log: Callable[[str], None] = print):
+def server_app(config: AggregatorConfig | None = None, log: Callable[[str], None] | None = None,
+               engine_stopped: threading.Event | None = None):  # fmt: skip
     """A ServerApp serving fedpt's aggregator with `config` (None: read the run config's
-    `aggregator-config` path)."""
+    `aggregator-config` path). `engine_stopped`, set by whoever runs Flower's engine in this
+    process, ends the rounds at once: no reply can come any more."""
     from flwr.serverapp import ServerApp
 
     app = ServerApp()
 
     @app.main()
     def main(grid, context) -> None:
-        from aggregator.server import start_aggregator
+        from aggregator.server import print_line, start_aggregator
 
+        say = log or print_line
         cfg = config or _config_from_run(context.run_config)
-        running = start_aggregator(cfg, log)
+        running = start_aggregator(cfg, say)
         address = str(
             context.run_config.get("data-plane-address") or f"{cfg.server.host}:{running.port}"
         )
         try:
-            FlowerRounds(grid, running.coordinator, address, cfg, log).run()
+            FlowerRounds(grid, running.coordinator, address, cfg, say, engine_stopped).run()
         finally:
             running.stop()
 
@@ -70,10 +74,17 @@ class FlowerRounds:
     one as they come; the round itself starts, closes and commits in fedpt's coordinator."""
 
     def __init__(self, grid, coordinator, address: str, config: AggregatorConfig,
-                 log: Callable[[str], None]) -> None:  # fmt: skip
+                 log: Callable[[str], None], engine_stopped: threading.Event | None = None,
+                 ) -> None:  # fmt: skip
         self.grid, self.coordinator, self.address = grid, coordinator, address
         self.config, self.log = config, log
+        self.engine_stopped = engine_stopped or threading.Event()
         self.last_error = ""  # the last node failure reported
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep between polls, or stop the rounds if Flower's engine has stopped."""
+        if self.engine_stopped.wait(seconds):
+            raise FlowerRunError("Flower's engine stopped: no SuperNode can answer any more")
 
     def run(self) -> None:
         nodes = self._wait_for_nodes()
@@ -99,7 +110,7 @@ class FlowerRounds:
                     f"{len(nodes)} SuperNodes connected in {NODES_WAIT_SECONDS:.0f} s; "
                     f"[round] min_nodes is {wanted}"
                 )
-            time.sleep(1.0)
+            self._pause(1.0)
 
     def _ask(self, nodes: Iterable[int], kind: str, number: int) -> dict[int, dict]:
         """Send `kind` to every node, then pull the replies as they arrive (each dropped once
@@ -124,7 +135,7 @@ class FlowerRounds:
                 metrics = dict(reply.content.metric_records.get("fedpt", {}))
                 replies[node] = metrics
             if pending:
-                time.sleep(0.2)
+                self._pause(0.2)
         if pending:
             self.log(f"flower: {len(pending)} node(s) did not answer their {kind} message")
         return replies
@@ -135,4 +146,4 @@ class FlowerRounds:
         while self.coordinator.round.number <= number and not self.coordinator.finished:
             if time.monotonic() > give_up:
                 raise FlowerRunError(f"round {number} did not close in time")
-            time.sleep(0.2)
+            self._pause(0.2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,14 @@ from aggregator.rounds import Coordinator
 from aggregator.servicer import FederationServicer
 from aggregator.store import Store
 from protos import pki
+
+
+def print_line(text: str) -> None:
+    """One write per line: print() writes the text and its newline separately, so lines from
+    the round, upload and secure-aggregation threads could run together."""
+    sys.stdout.write(f"{text}\n")
+    sys.stdout.flush()
+
 
 # grpcio cuts a message over its own limit before fedpt sees it, which looks like a dropped
 # connection; so its limit sits well above [server] max_message_bytes, which fedpt enforces itself
@@ -63,7 +72,7 @@ def _window_options(window_bytes: int) -> list[tuple[str, int]]:
 
 
 def start_aggregator(
-    config: AggregatorConfig, log: Callable[[str], None] = print
+    config: AggregatorConfig, log: Callable[[str], None] = print_line
 ) -> RunningAggregator:
     """Open the store, resume or create the federation, and start serving (port 0: any free)."""
     kit = None if config.server.insecure else pki.load_kit(Path(config.server.kit))
@@ -113,7 +122,7 @@ def start_aggregator(
     return RunningAggregator(server, coordinator, store, health_servicer, port)
 
 
-def serve_forever(config: AggregatorConfig, log: Callable[[str], None] = print) -> None:
+def serve_forever(config: AggregatorConfig, log: Callable[[str], None] = print_line) -> None:
     """Serve until SIGINT/SIGTERM or until the federation has finished."""
     limit_malloc_arenas(config.server.malloc_arenas)  # before the server's threads exist
     fix_mmap_threshold(config.server.malloc_mmap_threshold_bytes)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # Flower offline: no telemetry, no update check, no dependency install for the app.
@@ -25,10 +27,18 @@ FLOWER_OFFLINE = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+# Ray starts its workers at niceness 15. A ClientApp actor only waits on its `fedpt node join`
+# process, which inherits that niceness: beside any other work on the machine a node's training
+# would get a sliver of a CPU and miss its round's deadline. fedpt's nodes are the workload.
+RAY_SETTINGS = {"RAY_worker_niceness": "0"}
+
+
+class FlowerEngineError(RuntimeError):
+    """Flower's simulation engine or fedpt's ServerApp failed; the message says why."""
 
 
 def run_flower_simulation(config_path: Path, nodes: list[dict], ray_address: str = "") -> None:
-    for key, value in FLOWER_OFFLINE.items():
+    for key, value in {**FLOWER_OFFLINE, **RAY_SETTINGS}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedpt-flwr-"))
     from flwr.simulation import run_simulation
@@ -42,8 +52,26 @@ def run_flower_simulation(config_path: Path, nodes: list[dict], ray_address: str
     backend: dict = {"client_resources": {"num_cpus": min(1.0, cpus / max(1, len(nodes)))}}
     if ray_address:
         backend["init_args"] = {"address": ray_address}
-    run_simulation(server_app(config), client_app(nodes), num_supernodes=len(nodes),
-                   backend_config=backend)  # fmt: skip
+    # run_simulation runs the ServerApp in a thread of its own and the virtual SuperNodes (Ray)
+    # in this one. When the engine dies (Ray fails to start, a raylet is killed) it raises here
+    # while the ServerApp would wait for replies that cannot come: `engine_stopped` ends the
+    # ServerApp's loop at once.
+    engine_stopped = threading.Event()
+    app = server_app(config, engine_stopped=engine_stopped)
+    try:
+        run_simulation(app, client_app(nodes), num_supernodes=len(nodes), backend_config=backend)
+    except Exception as error:
+        raise FlowerEngineError(_reason(error)) from error
+    finally:
+        engine_stopped.set()
+
+
+def _reason(error: BaseException) -> str:
+    """Flower wraps the failure that stopped it ("An error was encountered..."): the innermost
+    cause is the one to report."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
 
 
 def main() -> None:
@@ -53,7 +81,11 @@ def main() -> None:
                         help="JSON list of each virtual node's node-config")  # fmt: skip
     parser.add_argument("--ray-address", default="", help="an existing Ray cluster (e.g. auto)")
     args = parser.parse_args()
-    run_flower_simulation(args.config, json.loads(args.nodes.read_text()), args.ray_address)
+    try:
+        run_flower_simulation(args.config, json.loads(args.nodes.read_text()), args.ray_address)
+    except FlowerEngineError as error:
+        print(f"fedpt: error: the federation on Flower's engine failed: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -68,14 +68,16 @@ def global_model(state_dir: Path, version: int = 2) -> dict[str, torch.Tensor]:
     return load_tensors(state_dir / "checkpoints" / f"global_v{version:08d}.safetensors")[0]
 
 
-def run_on_flower(root: Path) -> subprocess.CompletedProcess:
+def run_on_flower(
+    root: Path, env: dict | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
     root.mkdir(parents=True)
     (root / "aggregator.toml").write_text(aggregator_toml(root / "state", 0))
     (root / "nodes.json").write_text(json.dumps(node_settings(root)))
     return subprocess.run(
         [sys.executable, "-m", "fedpt.flower_simulation", "--config", str(root / "aggregator.toml"),
          "--nodes", str(root / "nodes.json")],
-        capture_output=True, text=True, timeout=900, env=run_env(),
+        capture_output=True, text=True, timeout=timeout, env=env or run_env(),
     )  # fmt: skip
 
 
@@ -129,6 +131,19 @@ def test_a_federation_on_flowers_engine_equals_the_native_one(tmp_path: Path) ->
         assert [r["round"] for r in rounds] == [0, 1] and all(r["pushed"] for r in rounds)
         report = json.loads((work_dir / "final" / "report.json").read_text())
         assert report["version"] == 2 and report["global_val_loss"] > 0
+
+
+def test_an_engine_that_cannot_start_ends_the_run_with_one_line(tmp_path: Path) -> None:
+    """Ray cannot start (its temporary folder cannot be made): the ServerApp, already serving
+    the aggregator and waiting for replies, stops at once instead of waiting out its reply
+    deadline (10 minutes here), and the run ends with one error line naming the cause."""
+    env = {**run_env(), "RAY_TMPDIR": str(tmp_path / "not-a-folder" / "ray")}
+    (tmp_path / "not-a-folder").write_text("a file where Ray wants a folder")
+    proc = run_on_flower(tmp_path / "run", env=env, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fedpt: error:")]
+    assert len(errors) == 1 and "NotADirectoryError" in errors[0], proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == errors[0]  # Flower logs its traceback before it
 
 
 def test_node_settings_come_from_the_supernode_and_bad_ones_are_refused(tmp_path: Path) -> None:
