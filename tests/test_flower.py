@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,16 +65,21 @@ def run_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def global_model_path(state_dir: Path, version: int) -> Path:
+    return state_dir / "checkpoints" / f"global_v{version:08d}.safetensors"
+
+
 def global_model(state_dir: Path, version: int = 2) -> dict[str, torch.Tensor]:
-    return load_tensors(state_dir / "checkpoints" / f"global_v{version:08d}.safetensors")[0]
+    return load_tensors(global_model_path(state_dir, version))[0]
 
 
 def run_on_flower(
-    root: Path, env: dict | None = None, timeout: float = 900
+    root: Path, env: dict | None = None, timeout: float = 900, fresh: bool = True
 ) -> subprocess.CompletedProcess:
-    root.mkdir(parents=True)
-    (root / "aggregator.toml").write_text(aggregator_toml(root / "state", 0))
-    (root / "nodes.json").write_text(json.dumps(node_settings(root)))
+    if fresh:
+        root.mkdir(parents=True)
+        (root / "aggregator.toml").write_text(aggregator_toml(root / "state", 0))
+        (root / "nodes.json").write_text(json.dumps(node_settings(root)))
     return subprocess.run(
         [sys.executable, "-m", "fedpt.flower_simulation", "--config", str(root / "aggregator.toml"),
          "--nodes", str(root / "nodes.json")],
@@ -108,29 +114,81 @@ def run_natively(root: Path) -> None:
                 proc.wait()
 
 
+@pytest.fixture(scope="module")
+def native_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The reference: the same federation run natively (`fedpt aggregator serve` and two
+    `fedpt node join`), once for the tests that compare against it."""
+    root = tmp_path_factory.mktemp("native") / "run"
+    run_natively(root)
+    model = global_model(root / "state")
+    initial = global_model(root / "state", 0)
+    assert any(not torch.equal(initial[name], tensor) for name, tensor in model.items())
+    return model
+
+
+def assert_same_model(on_flower: dict[str, torch.Tensor], native: dict[str, torch.Tensor]) -> None:
+    assert on_flower.keys() == native.keys()
+    for name, tensor in native.items():
+        torch.testing.assert_close(on_flower[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def node_rounds(work_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (work_dir / "rounds.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
-def test_a_federation_on_flowers_engine_equals_the_native_one(tmp_path: Path) -> None:
+def test_a_federation_on_flowers_engine_equals_the_native_one(
+    tmp_path: Path, native_model: dict[str, torch.Tensor]
+) -> None:
     """Same seed and settings (fp32, deterministic sum): the ServerApp and ClientApps give the
     global model `fedpt aggregator serve` and `fedpt node join` give, and every node kept its
     round log and scored the final model."""
     flower = run_on_flower(tmp_path / "flower")
     assert flower.returncode == 0, flower.stdout[-3000:] + flower.stderr[-3000:]
-    run_natively(tmp_path / "native")
-    on_flower, native = (
-        global_model(tmp_path / "flower" / "state"),
-        global_model(tmp_path / "native" / "state"),
-    )
-    assert on_flower.keys() == native.keys()
-    for name, tensor in native.items():
-        torch.testing.assert_close(on_flower[name], tensor, rtol=0, atol=1e-6, msg=name)
-    initial = global_model(tmp_path / "native" / "state", 0)
-    assert any(not torch.equal(initial[name], tensor) for name, tensor in native.items())
+    assert_same_model(global_model(tmp_path / "flower" / "state"), native_model)
     for org in ORGS:
         work_dir = tmp_path / "flower" / "nodes" / org
-        rounds = [json.loads(line) for line in (work_dir / "rounds.jsonl").read_text().splitlines()]
+        rounds = node_rounds(work_dir)
         assert [r["round"] for r in rounds] == [0, 1] and all(r["pushed"] for r in rounds)
         report = json.loads((work_dir / "final" / "report.json").read_text())
         assert report["version"] == 2 and report["global_val_loss"] > 0
+
+
+@pytest.mark.slow
+def test_a_killed_server_app_resumes_from_fedpts_database(
+    tmp_path: Path, native_model: dict[str, torch.Tensor]
+) -> None:
+    """The whole Flower run (ServerApp, Ray, every node process) is SIGKILLed once round 0 has
+    committed; started again on the same state, the ServerApp resumes at version 1 from fedpt's
+    database, round 0 is not trained again, and the final model is the uninterrupted one."""
+    root = tmp_path / "flower"
+    root.mkdir()
+    (root / "aggregator.toml").write_text(aggregator_toml(root / "state", 0))
+    (root / "nodes.json").write_text(json.dumps(node_settings(root)))
+    command = [sys.executable, "-m", "fedpt.flower_simulation", "--config",
+               str(root / "aggregator.toml"), "--nodes", str(root / "nodes.json")]  # fmt: skip
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=run_env(), start_new_session=True)  # fmt: skip
+    seen = []
+    try:
+        for line in first.stdout:  # ends when the run does: bounded by its own deadlines
+            seen.append(line)
+            if line.startswith("flower: round 0 over"):
+                break
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the ServerApp, Ray and the node processes
+        first.wait(timeout=60)
+    assert seen and seen[-1].startswith("flower: round 0 over"), "".join(seen)[-3000:]
+    assert not global_model_path(root / "state", 2).exists()
+
+    second = run_on_flower(root, fresh=False)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed at model version 1" in second.stdout
+    assert "round 0:" not in second.stdout  # round 0 is not run again
+    assert_same_model(global_model(root / "state"), native_model)
+    for org in ORGS:
+        rounds = node_rounds(root / "nodes" / org)
+        assert [r["round"] for r in rounds if r["pushed"]] == [0, 1]
 
 
 def test_an_engine_that_cannot_start_ends_the_run_with_one_line(tmp_path: Path) -> None:
