@@ -1,0 +1,1 @@
+"""fedpt's Flower apps, as `flwr run` finds them (see pyproject.toml)."""
