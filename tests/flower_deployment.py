@@ -77,9 +77,10 @@ def alive(pid: int) -> bool:
 
 
 class FlowerDeployment:
-    """One SuperLink and any number of SuperNodes under `root`; use as a context manager."""
+    """One SuperLink and any number of SuperNodes under `root` (`env`: more environment for
+    every process, the apps' included); use as a context manager."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         self.root = root
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ class FlowerDeployment:
         bin_dir = str(Path(sys.executable).parent)
         self.env = {**os.environ, **FLOWER_OFFLINE, "FLWR_HOME": str(self.home),
                     "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-                    "PYTHONUNBUFFERED": "1"}  # fmt: skip
+                    "PYTHONUNBUFFERED": "1", **(env or {})}  # fmt: skip
         self.processes: dict[str, subprocess.Popen] = {}
         self.seen: set[int] = set()  # every pid started, with its descendants, for stop()
         self.killed: list[int] = []

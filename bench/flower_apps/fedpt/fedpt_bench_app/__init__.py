@@ -1,0 +1,1 @@
+"""The fedpt row's apps (bench/flower.py)."""

@@ -1,0 +1,1 @@
+"""The flower row's apps (bench/flower.py)."""
