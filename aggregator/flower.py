@@ -95,7 +95,8 @@ class FlowerRounds:
                 raise FlowerRunError(f"no node took part in round {number}: {self.last_error}")
             self._wait_past(number)
             self.log(f"flower: round {number} over, {len(replies)} of {len(nodes)} nodes answered")
-        self._ask(nodes, "evaluate", self.coordinator.round.number)
+        if not self._ask(nodes, "evaluate", self.coordinator.round.number):
+            raise FlowerRunError(f"no node pulled and scored the final model: {self.last_error}")
 
     def _wait_for_nodes(self) -> list[int]:
         wanted = self.config.round.min_nodes

@@ -48,12 +48,11 @@ def run_flower_simulation(config_path: Path, nodes: list[dict], ray_address: str
     from node.flower import client_app
 
     config = load_config(config_path)
+    _start_ray(ray_address)
     cpus = os.cpu_count() or 1
     backend: dict = {"client_resources": {"num_cpus": min(1.0, cpus / max(1, len(nodes)))}}
-    if ray_address:
-        backend["init_args"] = {"address": ray_address}
     # run_simulation runs the ServerApp in a thread of its own and the virtual SuperNodes (Ray)
-    # in this one. When the engine dies (Ray fails to start, a raylet is killed) it raises here
+    # in this one. When the engine dies (its actors cannot start, a raylet is killed) it raises here
     # while the ServerApp would wait for replies that cannot come: `engine_stopped` ends the
     # ServerApp's loop at once.
     engine_stopped = threading.Event()
@@ -64,6 +63,24 @@ def run_flower_simulation(config_path: Path, nodes: list[dict], ray_address: str
         raise FlowerEngineError(_reason(error)) from error
     finally:
         engine_stopped.set()
+
+
+def _start_ray(address: str) -> None:
+    """Start (or join) Ray before anything else runs, rather than leave it to Flower's engine.
+
+    Ray gives its raylet a fixed 30 s to register at start-up (ray/_private/node.py). Inside
+    run_simulation that window overlaps the ServerApp starting fedpt's aggregator (database
+    migrations, the initial model), and a busy machine missed it: "The current node timed out
+    during startup". Started here, Ray has the process to itself; Flower's engine then finds it
+    initialised and uses it. The workers get this process's import path, as Flower gives them.
+    """
+    import ray
+
+    try:
+        ray.init(address=address or None, include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})  # fmt: skip
+    except Exception as error:
+        raise FlowerEngineError(f"Ray did not start: {_reason(error)}") from error
 
 
 def _reason(error: BaseException) -> str:
