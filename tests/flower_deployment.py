@@ -147,7 +147,7 @@ class FlowerDeployment:
             "--ssl-ca-certfile", str(self.tls / pki.CA_CERT),
             "--ssl-certfile", str(self.tls / pki.NODE_CERT),
             "--ssl-keyfile", str(self.tls / pki.NODE_KEY),
-            "--enable-supernode-auth", "--database", str(self.root / "superlink.db"),
+            "--enable-supernode-auth",  # Flower's default state: in memory
             "--disable-runtime-dependency-installation",
         ])  # fmt: skip
         context = ssl.create_default_context(cafile=str(self.tls / pki.CA_CERT))
