@@ -74,7 +74,11 @@ def global_model(state_dir: Path, version: int = 2) -> dict[str, torch.Tensor]:
 
 
 def run_on_flower(
-    root: Path, env: dict | None = None, timeout: float = 900, fresh: bool = True
+    root: Path,
+    env: dict | None = None,
+    timeout: float = 900,
+    fresh: bool = True,
+    more: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     if fresh:
         root.mkdir(parents=True)
@@ -82,7 +86,7 @@ def run_on_flower(
         (root / "nodes.json").write_text(json.dumps(node_settings(root)))
     return subprocess.run(
         [sys.executable, "-m", "fedpt.flower_simulation", "--config", str(root / "aggregator.toml"),
-         "--nodes", str(root / "nodes.json")],
+         "--nodes", str(root / "nodes.json"), *more],
         capture_output=True, text=True, timeout=timeout, env=env or run_env(),
     )  # fmt: skip
 
@@ -202,6 +206,31 @@ def test_ray_that_cannot_start_ends_the_run_at_once_with_one_line(tmp_path: Path
     assert "Ray did not start: NotADirectoryError" in proc.stderr.splitlines()[-1]
     assert proc.stderr.count("fedpt: error:") == 1 and "Traceback" not in proc.stderr
     assert "aggregator listening" not in proc.stdout
+
+
+def test_a_ray_cluster_that_cannot_host_a_node_stops_the_server_app_at_once(tmp_path: Path) -> None:
+    """`--ray-address` joins an existing Ray cluster, here one with no CPU (`ray start --head
+    --num-cpus 0` on 127.0.0.1), where Flower's engine cannot place a single ClientApp and
+    stops. The ServerApp, already serving the aggregator and waiting for replies, stops with it
+    at once (not after its 10-minute reply deadline), and the run ends with one error line."""
+    port = free_port()
+    ray = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "0",
+         "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard=false",
+         "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(),
+    )  # fmt: skip
+    try:
+        proc = run_on_flower(
+            tmp_path / "run", timeout=300, more=("--ray-address", f"127.0.0.1:{port}")
+        )
+    finally:
+        ray.terminate()  # `ray start --block` stops the cluster's processes as it exits
+        ray.wait(timeout=60)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "aggregator listening" in proc.stdout  # the ServerApp was serving
+    assert proc.stderr.splitlines()[-1].startswith("fedpt: error: ")
+    assert "ActorPool is empty" in proc.stderr.splitlines()[-1]
 
 
 def test_node_settings_come_from_the_supernode_and_bad_ones_are_refused(tmp_path: Path) -> None:
