@@ -77,7 +77,9 @@ def _start_ray(address: str) -> None:
     import ray
 
     try:
-        ray.init(address=address or None, include_dashboard=False,
+        # "local": a new instance of this run's own. Left empty, Ray would join whatever cluster
+        # `ray start` last left on this machine (/tmp/ray/ray_current_cluster), dead ones too.
+        ray.init(address=address or "local", include_dashboard=False,
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})  # fmt: skip
     except Exception as error:
         raise FlowerEngineError(f"Ray did not start: {_reason(error)}") from error

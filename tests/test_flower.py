@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -227,10 +229,41 @@ def test_a_ray_cluster_that_cannot_host_a_node_stops_the_server_app_at_once(tmp_
     finally:
         ray.terminate()  # `ray start --block` stops the cluster's processes as it exits
         ray.wait(timeout=60)
+        # ... but leaves its address behind, where a bare ray.init() would look for a cluster.
+        left = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if left.is_file() and left.read_text().strip().endswith(f":{port}"):
+            left.unlink()
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "aggregator listening" in proc.stdout  # the ServerApp was serving
     assert proc.stderr.splitlines()[-1].startswith("fedpt: error: ")
     assert "ActorPool is empty" in proc.stderr.splitlines()[-1]
+
+
+def test_without_ray_address_a_run_starts_its_own_ray_beside_a_cluster_left_behind(
+    tmp_path: Path,
+) -> None:
+    """`ray start` leaves its cluster's address in <ray temp dir>/ray_current_cluster, and Ray
+    joins that cluster when asked for no address, even a dead one. Without --ray-address the run
+    starts a Ray of its own: its ClientApps run (here they refuse node settings that name no
+    data, which ends the run at once), instead of Ray waiting minutes for a dead cluster."""
+    # A short path: Ray's Unix sockets live under it, and their names are limited to 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fedpt-ray-", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "aggregator.toml").write_text(aggregator_toml(root / "state", 0))
+    (root / "nodes.json").write_text(json.dumps([{"work-dir": str(root / "n0")},
+                                                 {"work-dir": str(root / "n1")}]))  # fmt: skip
+    try:
+        proc = run_on_flower(root, env={**run_env(), "RAY_TMPDIR": str(ray_tmp)}, timeout=240,
+                             fresh=False)  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("fedpt: error: ") and "no node took part in round 0" in last
+    assert "needs data" in last
 
 
 def test_node_settings_come_from_the_supernode_and_bad_ones_are_refused(tmp_path: Path) -> None:
