@@ -43,7 +43,8 @@ from pathlib import Path
 
 from bench.common import empty_run_folder, print_table, proc_status_bytes
 from bench.scale import Shape, make_kits, shape_for_mib, write_config
-from tests.flower_deployment import DeploymentError, FlowerDeployment, free_port
+from fedpt.simulate import free_port
+from tests.flower_deployment import DeploymentError, FlowerDeployment
 
 REPO = Path(__file__).resolve().parents[1]
 APPS = {"flower": REPO / "bench" / "flower_apps" / "transport",

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import torch
 pytest.importorskip("flwr")
 
 from aggregator.store import Store
+from fedpt.simulate import free_port
 from model.io import load_tensors
 from node.flower import FlowerNodeError, node_command
 
@@ -50,12 +50,6 @@ seq_len = 64
 [store]
 state_dir = "{state_dir}"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_settings(root: Path) -> list[dict]:

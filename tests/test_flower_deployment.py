@@ -13,8 +13,9 @@ import pytest
 pytest.importorskip("flwr")
 
 from aggregator.store import Store
+from fedpt.simulate import free_port
 from protos import pki
-from tests.flower_deployment import FlowerDeployment, alive, free_port
+from tests.flower_deployment import FlowerDeployment, alive
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
 ORGS = ("web", "systems")
