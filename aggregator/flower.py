@@ -3,10 +3,13 @@
 The ServerApp serves fedpt's own aggregator inside its process: round lifecycle, outer
 optimizer, streaming accumulator, SQL store and the resumable gRPC data plane, exactly as
 `fedpt aggregator serve` does (aggregator/server.py). Flower carries the control messages only:
-each round, every SuperNode gets a TRAIN message naming the data plane's address and the round;
-its ClientApp (node/flower.py) runs one fedpt node round against it (`fedpt node join --once`:
-join, pull, H inner steps, push, the round's secure-aggregation stages) and answers with a few
-metrics. Models never ride Flower's transport, so memory stays O(model) however many nodes
+each round, every SuperNode gets a TRAIN message naming the data plane's address, the round,
+the global model version and its payload's sha256, and a one-time admission token; its
+ClientApp (node/flower.py) runs one fedpt node round against it (`fedpt node join --once`:
+join with the token, pull and check that model, H inner steps, push, the round's
+secure-aggregation stages) and answers with a few metrics. The data plane refuses a Join
+without a token from this run (aggregator/admissions.py): only the SuperNodes Flower asked in
+take part, each as one organisation for the whole run. Models never ride Flower's transport, so memory stays O(model) however many nodes
 answer, and a restarted ServerApp resumes from fedpt's database like the native aggregator.
 When the federation has finished, one EVALUATE message has every node pull, score (and, if its
 settings say so, personalise) the final model.
@@ -50,7 +53,7 @@ def server_app(config: AggregatorConfig | None = None, log: Callable[[str], None
 
         say = log or print_line
         cfg = config or _config_from_run(context.run_config)
-        running = start_aggregator(cfg, say)
+        running = start_aggregator(cfg, say, admission_required=True)
         address = str(
             context.run_config.get("data-plane-address") or f"{cfg.server.host}:{running.port}"
         )
@@ -80,6 +83,9 @@ class FlowerRounds:
         self.config, self.log = config, log
         self.engine_stopped = engine_stopped or threading.Event()
         self.last_error = ""  # the last node failure reported
+        self.organisations: dict[int, str] = {}  # SuperNode -> the organisation it joined as
+        # From now on the data plane admits only the nodes this loop's messages ask in.
+        self.admissions = coordinator.require_admission()
 
     def _pause(self, seconds: float) -> None:
         """Sleep between polls, or stop the rounds if Flower's engine has stopped."""
@@ -119,9 +125,18 @@ class FlowerRounds:
         outcome is the coordinator's (a quorum by the deadline)."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        content = RecordDict({"fedpt": ConfigRecord({"aggregator": self.address,
-                                                     "round": number})})  # fmt: skip
-        messages = [Message(content, node, kind, group_id=str(number)) for node in nodes]
+        coordinator = self.coordinator
+        with coordinator.lock:  # the version and its payload change together, at a commit
+            version, sha256 = coordinator.version, coordinator.payload.manifest.sha256.hex()
+        purpose = f"round {number}" if kind == "train" else f"the final model v{version}"
+        tokens = self.admissions.issue([str(n) for n in nodes], purpose)
+        messages = [
+            Message(RecordDict({"fedpt": ConfigRecord({
+                "aggregator": self.address, "round": number, "version": version,
+                "model-sha256": sha256, "token": tokens[str(node)]})}),
+                node, kind, group_id=str(number))
+            for node in nodes
+        ]  # fmt: skip
         pending = {m_id for m_id in self.grid.push_messages(messages) if m_id}
         replies: dict[int, dict] = {}
         give_up = time.monotonic() + self.config.round.timeout_seconds + REPLY_SLACK_SECONDS
@@ -135,6 +150,10 @@ class FlowerRounds:
                     continue
                 metrics = dict(reply.content.metric_records.get("fedpt", {}))
                 replies[node] = metrics
+                organisation = self.admissions.organisation_of(str(node))
+                if organisation and node not in self.organisations:
+                    self.organisations[node] = organisation
+                    self.log(f"flower: SuperNode {node} is organisation {organisation!r}")
             if pending:
                 self._pause(0.2)
         if pending:

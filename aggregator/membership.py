@@ -1,5 +1,7 @@
 """Who may call: organisations join, get a node id and a session token, and are recognised by
-that token (--insecure) or by their certified organisation name (mutual TLS).
+that token (--insecure) or by their certified organisation name (mutual TLS). Under a scheduler
+(Flower), `admissions` also asks each Join for the token of the message that asked the node in
+(aggregator/admissions.py).
 
 Its own lock, not the round's: a Join never waits for round work, and round work only asks how
 many nodes joined. The lock is held across the node's database upsert so that the token cache
@@ -13,6 +15,7 @@ import secrets
 import threading
 import uuid
 
+from aggregator.admissions import Admissions
 from aggregator.errors import InvalidArgument, Unauthenticated
 from aggregator.state import Shared
 from aggregator.store import NodeRow
@@ -30,13 +33,17 @@ class Membership:
         self._tokens: dict[str, NodeRow] = {}  # token digest -> node (cache of the store)
         self._by_organisation: dict[str, NodeRow] = {}  # certified organisation -> node
         self._registered: set[str] | None = None  # every node id in the store, read once
+        self.admissions: Admissions | None = None  # set when a scheduler decides who joins
 
-    def join(self, organisation: str, capabilities: dict) -> tuple[NodeRow, str]:
+    def join(self, organisation: str, capabilities: dict,
+             admission_token: str = "") -> tuple[NodeRow, str]:  # fmt: skip
         # One rule for every organisation name: the one its certificate was issued under.
         try:
             pki.check_organisation(organisation or "")
         except pki.PKIError as e:
             raise InvalidArgument(str(e)) from e
+        if self.admissions is not None:  # before anything is stored: a refusal changes nothing
+            self.admissions.admit(admission_token, organisation)
         s = self.shared
         token = secrets.token_urlsafe(32)
         node_id = f"node-{uuid.uuid4().hex[:12]}"

@@ -3,6 +3,7 @@ federation, each in its own module:
 
     federation.py   create the federation, or resume it from its last committed checkpoint
     membership.py   Join, session tokens, certified organisations
+    admissions.py   under a scheduler (Flower): the one-time tokens a Join must carry
     lifecycle.py    the round state machine: tasks, start, close, fail, secure-aggregation stages
     intake.py       uploads: admit, spool and sum chunks, complete, refuse, resume, status
     commit.py       outer step, durable checkpoint, database commit, the new version served
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from aggregator.accumulator import StreamingAccumulator
+from aggregator.admissions import Admissions
 from aggregator.checkpoints import CheckpointStore
 from aggregator.commit import Committer
 from aggregator.config import AggregatorConfig
@@ -129,8 +131,14 @@ class Coordinator:
         return self.lifecycle.weight_unit
 
     # ---- nodes --------------------------------------------------------------------------------
-    def join(self, organisation: str, capabilities: dict) -> tuple[NodeRow, str]:
-        return self.membership.join(organisation, capabilities)
+    def join(self, organisation: str, capabilities: dict,
+             admission_token: str = "") -> tuple[NodeRow, str]:  # fmt: skip
+        return self.membership.join(organisation, capabilities, admission_token)
+
+    def require_admission(self) -> Admissions:
+        """From now on a Join needs a token from the returned Admissions (a scheduler's)."""
+        self.membership.admissions = self.membership.admissions or Admissions()
+        return self.membership.admissions
 
     def node_of_organisation(self, organisation: str) -> NodeRow:
         return self.membership.node_of_organisation(organisation)

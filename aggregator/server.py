@@ -72,9 +72,13 @@ def _window_options(window_bytes: int) -> list[tuple[str, int]]:
 
 
 def start_aggregator(
-    config: AggregatorConfig, log: Callable[[str], None] = print_line
+    config: AggregatorConfig,
+    log: Callable[[str], None] = print_line,
+    admission_required: bool = False,
 ) -> RunningAggregator:
-    """Open the store, resume or create the federation, and start serving (port 0: any free)."""
+    """Open the store, resume or create the federation, and start serving (port 0: any free).
+    `admission_required`: every Join needs a scheduler's token from the first call on
+    (Coordinator.require_admission)."""
     kit = None if config.server.insecure else pki.load_kit(Path(config.server.kit))
     Path(config.store.state_dir).mkdir(parents=True, exist_ok=True)
     store = Store(config.store.resolved_url())
@@ -83,6 +87,8 @@ def start_aggregator(
     except BaseException:
         store.close()
         raise
+    if admission_required:
+        coordinator.require_admission()
     limit = config.server.max_message_bytes
     transport_limit = min(TRANSPORT_LIMIT_FACTOR * limit, 2**31 - 1)
     server = grpc.server(

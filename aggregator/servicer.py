@@ -134,7 +134,8 @@ class FederationServicer(pb_grpc.FederationServicer):
             else contextlib.nullcontext()
         )
         with limit:
-            node, token = self.coordinator.join(organisation, capabilities)
+            node, token = self.coordinator.join(organisation, capabilities,
+                                                request.admission_token)  # fmt: skip
         return pb.JoinReply(node_id=node.id, session_token=token, spec=self.coordinator.spec)
 
     @_answer_refusals

@@ -46,13 +46,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from node.parallel import LaunchError
     from node.participant import AggregatorUnreachable, FederationMismatch, NodeConfigError
     from node.personalise import PersonaliseError
+    from node.round_order import ModelMismatch
     from node.trainer import TrainingError
     from protos.pki import PKIError
 
     return (*USER_ERRORS, UsageError, DataError, TrainConfigError, TrainingError,
             AggregatorConfigError, RecoveryError, StoreError, OSError, NodeConfigError,
             FederationMismatch, SimulationError, PKIError, LaunchError, PersonaliseError,
-            AggregatorUnreachable, crash_points.CrashPointError)  # fmt: skip
+            AggregatorUnreachable, ModelMismatch, crash_points.CrashPointError)  # fmt: skip
 
 
 # ---- ranks and hosts (torchrun) ---------------------------------------------------------------
@@ -498,6 +499,14 @@ def add_node_parser(sub: argparse._SubParsersAction) -> None:
                       help="take part in one round (or, once the federation has finished, pull "
                       "the final model) and exit: for a scheduler that starts the node per round, "
                       "e.g. fedpt's Flower ClientApp; the inner state stays in --work-dir")  # fmt: skip
+    join.add_argument("--expect-round", type=int, default=None, metavar="ROUND",
+                      help="with --once: the round this process is started for (another is "
+                      "left alone)")  # fmt: skip
+    join.add_argument("--expect-model", default=None, metavar="VERSION:SHA256",
+                      help="with --once: the model version to train from (or pull, after the "
+                      "last round) and its payload's sha256, as the scheduler announced them; "
+                      "the node refuses any other. The scheduler's admission token, if any, "
+                      "comes in $FEDPT_ADMISSION_TOKEN")  # fmt: skip
     join.add_argument("--no-score-global", dest="score_global", action="store_false",
                       default=None, help="do not score each global model on the validation "
                       "split (nor report it to the aggregator)")  # fmt: skip
@@ -580,11 +589,18 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
 
 def cmd_node_join(args: argparse.Namespace) -> int:
     from node.participant import load_node_config
+    from node.round_order import RoundOrder, RoundOrderError
 
     flags = (*NODE_FLAGS, "reset_inner_optimizer", "reset_inner_momentum", "save_deltas", "save_round_state", "insecure",
              "personalise_mode", "score_global")  # fmt: skip
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     cfg = load_node_config(args.config, {**overrides, **launch_flags(args)})
+    try:
+        order = RoundOrder.from_flags(args.expect_round, args.expect_model)
+    except RoundOrderError as e:
+        raise UsageError(str(e)) from e
+    if order is not None and not args.once:
+        raise UsageError("--expect-round and --expect-model go with --once")
     if cfg.launch.ranks > 1 and "LOCAL_RANK" not in os.environ:
         return relaunch_node_under_torchrun(cfg)
     import grpc
@@ -600,7 +616,7 @@ def cmd_node_join(args: argparse.Namespace) -> int:
                 "reset_inner_momentum": cfg.reset_inner_momentum,
                 "save_round_state": cfg.save_round_state}  # fmt: skip
         check_same_everywhere("the node settings", same, env)
-        Participant(cfg, env).run(once=args.once)
+        Participant(cfg, env, order=order).run(once=args.once)
     except grpc.RpcError as e:  # a refusal no retry can change (transient ones were retried)
         raise UsageError(
             f"the aggregator at {cfg.aggregator} refused this node: {e.code().name}: {e.details()}"

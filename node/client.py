@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import grpc
 import torch
 
+from node.round_order import ModelMismatch
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from protos import pki
@@ -56,8 +57,11 @@ class AggregatorClient:
         rpc_timeout: float = 60.0,
         attempts: int = 5,
         log: Callable[[str], None] = lambda _m: None,
+        admission_token: str = "",
     ) -> None:
         self.address, self.organisation = address, organisation
+        # Sent with every Join: the scheduler's one-time token (aggregator/admissions.py).
+        self.admission_token = admission_token
         self.rpc_timeout, self.attempts, self.log = rpc_timeout, attempts, log
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -81,11 +85,11 @@ class AggregatorClient:
 
     def join(self, capabilities: pb.Capabilities | None = None) -> pb.JoinReply:
         reply = self.stub.Join(
-            pb.JoinRequest(
-                organisation=self.organisation, capabilities=capabilities or pb.Capabilities()
-            ),
+            pb.JoinRequest(organisation=self.organisation,
+                           capabilities=capabilities or pb.Capabilities(),
+                           admission_token=self.admission_token),
             timeout=self.rpc_timeout,
-        )
+        )  # fmt: skip
         self.node_id, self.spec = reply.node_id, reply.spec
         self._metadata = ((SESSION_METADATA, reply.session_token),)
         return reply
@@ -126,12 +130,15 @@ class AggregatorClient:
         max_total_bytes: int | None = None,
         progress: Callable[[int], None] | None = None,
         into: dict[str, torch.Tensor] | None = None,
+        announced_sha256: bytes | None = None,
     ) -> dict[str, torch.Tensor]:
         """The global model of `version`, verified chunk by chunk; a broken stream is resumed
         from the first chunk not yet received. `progress(n)` after each chunk received.
 
         `into`: tensors of the model's names, shapes and dtypes (an older version this node is
-        done with) to receive into instead of new memory; they are spoiled if this raises."""
+        done with) to receive into instead of new memory; they are spoiled if this raises.
+        `announced_sha256`: the payload's sha256 as announced elsewhere (a scheduler's message):
+        a manifest with another root raises ModelMismatch before any chunk is read."""
         assembler: PayloadAssembler | None = None
         for attempt in range(1, self.attempts + 1):
             first = assembler.next_index if assembler else 0
@@ -140,9 +147,12 @@ class AggregatorClient:
                 timeout=self.rpc_timeout * 10,
             )  # fmt: skip
             breaks: list[grpc.RpcError] = []
+            messages = _until_broken(stream, breaks)
+            if announced_sha256 is not None:
+                messages = _announced(messages, version, announced_sha256)
             try:
                 assembler = receive_model(
-                    _counting_chunks(_until_broken(stream, breaks), progress),
+                    _counting_chunks(messages, progress),
                     assembler,
                     expected=expected,
                     max_total_bytes=max_total_bytes,
@@ -167,12 +177,14 @@ class AggregatorClient:
         encoding: str,
         *,
         progress: Callable[[int], None] | None = None,
+        announced_sha256: bytes | None = None,
     ) -> dict[str, torch.Tensor] | None:
         """Model `version` from `held`, this node's copy of version − 1, by adding the
         compressed outer update chunk by chunk into `held` (in place), resumable like a pull.
         When the aggregator sends the whole model instead (it has no update for this step),
         that model. None when the result is not the aggregator's model bit for bit (a broken
-        stream, a hash mismatch): `held` is then spoiled and the caller pulls the whole model."""
+        stream, a hash mismatch): `held` is then spoiled and the caller pulls the whole model.
+        `announced_sha256`: as for pull_model (the update's model_sha256 must equal it)."""
         specs = specs_of(held)
         layout = FlatLayout.of(specs)
         verifier: ChunkVerifier | None = None
@@ -184,7 +196,10 @@ class AggregatorClient:
                 metadata=self._metadata, timeout=self.rpc_timeout * 10,
             )  # fmt: skip
             breaks: list[grpc.RpcError] = []
-            messages = _counting_chunks(_until_broken(stream, breaks), progress)
+            messages = _until_broken(stream, breaks)
+            if announced_sha256 is not None:
+                messages = _announced(messages, version, announced_sha256)
+            messages = _counting_chunks(messages, progress)
             head = next(messages, None)
             if head is not None and head.WhichOneof("payload") != "manifest":
                 raise CodecError("model stream must start with a manifest")
@@ -294,6 +309,24 @@ def _counting_chunks(messages: Iterator, progress: Callable[[int], None] | None)
             chunks += 1
         if progress is not None:
             progress(chunks)
+
+
+def _announced(messages: Iterator[pb.ModelStreamMessage], version: int,
+               sha256: bytes) -> Iterator[pb.ModelStreamMessage]:  # fmt: skip
+    """The messages, once the first (the manifest) names the model `sha256`: the root of the
+    whole model's payload, or an update's `model_sha256`, the model it leads to."""
+    first = next(messages, None)
+    if first is None:
+        return
+    if first.WhichOneof("payload") == "manifest":
+        root = first.manifest.model_sha256 or first.manifest.sha256
+        if root != sha256:
+            raise ModelMismatch(
+                f"the data plane serves model version {version} as sha256 {root.hex()[:16]}…, "
+                f"but the message that started this node announced {sha256.hex()[:16]}…"
+            )
+    yield first
+    yield from messages
 
 
 def _until_broken(stream, breaks: list[grpc.RpcError]):

@@ -2,8 +2,9 @@
 
 Flower starts a ClientApp per message; fedpt's inner state lives in the node's work dir, so
 each TRAIN message runs one round in a fresh process, `fedpt node join --once` (torchrun for
-several devices, as `node join` does): join the ServerApp's fedpt data plane (the address is in
-the message), pull the global model, train H inner steps, push the delta, answer the round's
+several devices, as `node join` does): join the ServerApp's fedpt data plane (the address and a
+one-time admission token are in the message), pull the global model and check it is the
+version and sha256 the message announced, train H inner steps, push the delta, answer the round's
 secure-aggregation stages, and exit once the aggregator has moved past the round. The reply
 carries that round's metrics only. EVALUATE (sent once the federation has finished) pulls,
 scores and personalises the final model the same way, and answers with its validation loss.
@@ -19,10 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+
+from node.round_order import ADMISSION_TOKEN_ENV
 
 # node_config keys (Flower's style) -> `fedpt node join` flags
 PATH_KEYS = {"data": "--data", "work-dir": "--work-dir", "kit": "--kit",
@@ -38,8 +43,35 @@ class FlowerNodeError(RuntimeError):
     """The SuperNode's settings are unusable, or the node's round failed; says which."""
 
 
-def node_command(settings: Mapping[str, object], aggregator: str) -> list[str]:
-    """`fedpt node join --once` for these node settings against the data plane `aggregator`."""
+@dataclass(frozen=True)
+class Order:
+    """A TRAIN or EVALUATE message's fedpt record (aggregator/flower.py writes it)."""
+
+    kind: str  # "train" | "evaluate"
+    aggregator: str  # the data plane's address
+    round: int
+    version: int  # the model to train from, or the final one
+    model_sha256: str  # hex: the payload's sha256, checked by the node when it pulls
+    token: str  # one-time admission token for the data plane's Join
+
+    @classmethod
+    def from_record(cls, kind: str, record: Mapping[str, object]) -> Order:
+        return cls(kind, str(record["aggregator"]), int(record["round"]), int(record["version"]),
+                   str(record["model-sha256"]), str(record["token"]))  # fmt: skip
+
+
+def node_command(settings: Mapping[str, object], order: Order) -> list[str]:
+    """`fedpt node join --once` for these node settings, held to the message's `order` (the
+    admission token goes in the environment: see take_part)."""
+    command = join_command(settings, order.aggregator)
+    command += ["--once", "--expect-model", f"{order.version}:{order.model_sha256}"]
+    if order.kind == "train":
+        command += ["--expect-round", str(order.round)]
+    return command
+
+
+def join_command(settings: Mapping[str, object], aggregator: str) -> list[str]:
+    """`fedpt node join` for these node settings against the data plane `aggregator`."""
     unknown = sorted(set(settings) - KNOWN_KEYS - SIMULATION_KEYS)
     if unknown:
         raise FlowerNodeError(
@@ -48,7 +80,7 @@ def node_command(settings: Mapping[str, object], aggregator: str) -> list[str]:
     for key in ("data", "work-dir"):
         if not settings.get(key):
             raise FlowerNodeError(f"the SuperNode's node-config needs {key}=...")
-    command = [sys.executable, "-m", "fedpt", "node", "join", "--once", "--aggregator", aggregator]
+    command = [sys.executable, "-m", "fedpt", "node", "join", "--aggregator", aggregator]
     for key, flag in {**PATH_KEYS, **VALUE_KEYS}.items():
         if settings.get(key) not in (None, ""):
             command += [flag, str(settings[key])]
@@ -58,11 +90,12 @@ def node_command(settings: Mapping[str, object], aggregator: str) -> list[str]:
     return command
 
 
-def take_part(settings: Mapping[str, object], aggregator: str, kind: str, number: int) -> dict:
+def take_part(settings: Mapping[str, object], order: Order) -> dict:
     """Run one `node join --once` and return its metrics (this round's record for TRAIN, the
     final model's report for EVALUATE); FlowerNodeError with the log's tail if it failed."""
+    kind, number = order.kind, order.round
     work_dir = Path(str(settings.get("work-dir", "")))
-    command = node_command(settings, aggregator)
+    command = node_command(settings, order)
     work_dir.mkdir(parents=True, exist_ok=True)
     log_path = work_dir / "flower.log"
     rounds_log = work_dir / "rounds.jsonl"
@@ -70,7 +103,9 @@ def take_part(settings: Mapping[str, object], aggregator: str, kind: str, number
     with open(log_path, "a") as log:
         log.write(f"== {kind} message for round {number}: {' '.join(command)}\n")
         log.flush()
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        env = {**os.environ, ADMISSION_TOKEN_ENV: order.token}
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              check=False).returncode  # fmt: skip
     if code != 0:
         raise FlowerNodeError(f"fedpt node join --once exited with {code}:\n{_tail(log_path)}")
     if kind == "evaluate":
@@ -117,8 +152,8 @@ def client_app(simulated: list[dict] | None = None):
             settings = dict(context.node_config)
             if simulated is not None:
                 settings = {**settings, **simulated[int(settings["partition-id"])]}
-            order = message.content.config_records["fedpt"]
-            metrics = take_part(settings, str(order["aggregator"]), kind, int(order["round"]))
+            order = Order.from_record(kind, message.content.config_records["fedpt"])
+            metrics = take_part(settings, order)
         except (FlowerNodeError, KeyError, ValueError, OSError) as e:
             return Message(Error(code=1, reason=f"fedpt node: {e}"), reply_to=message)
         return Message(RecordDict({"fedpt": MetricRecord(metrics)}), reply_to=message)

@@ -50,6 +50,7 @@ from node.personalise import (
     personalise,
     validation_loss,
 )
+from node.round_order import ModelMismatch, RoundOrder
 from node.secure_aggregation import NodeSecAgg, SecAggRefused
 from node.trainer import Trainer
 from protos import crash_points, pki
@@ -203,8 +204,10 @@ class RoundRecord:
 
 
 class Participant:
-    def __init__(self, cfg: NodeConfig, env: DistEnv, log: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: NodeConfig, env: DistEnv, log: Callable[[str], None] = print,
+                 order: RoundOrder | None = None) -> None:  # fmt: skip
         self.cfg, self.env = cfg, env
+        self.order = order  # what the scheduler's message said (run(once=True) only)
         self.log = log if env.is_main else (lambda _m: None)
         self.work_dir = Path(cfg.work_dir)
         self.client: AggregatorClient | None = None
@@ -226,8 +229,9 @@ class Participant:
                     "WARNING: connecting in plain text (--insecure): use a startup kit outside tests"
                 )
             self.client = AggregatorClient(
-                cfg.aggregator, cfg.organisation_name, kit=kit, log=self.log
-            )
+                cfg.aggregator, cfg.organisation_name, kit=kit, log=self.log,
+                admission_token=order.admission_token if order else "",
+            )  # fmt: skip
         self.secagg: NodeSecAgg | None = None
         self.federation_id = ""
         self.spec = pb.FederationSpec()
@@ -304,7 +308,8 @@ class Participant:
         personalise the final model. `once`: one round, for a process started per round (a
         Flower ClientApp, node/flower.py): train and push it, answer its secure-aggregation
         stages, and return once the aggregator has moved past it; the inner state comes from
-        and goes to work_dir as between rounds."""
+        and goes to work_dir as between rounds. With the scheduler's `order` (node/round_order.py),
+        only that round, from that model."""
         spec = self._join()
         trainer = self._build_trainer(spec)
         records: list[RoundRecord] = []
@@ -313,6 +318,9 @@ class Participant:
             while True:
                 started = time.perf_counter()
                 kind, round_number, version = self._next_task()
+                ordered = self.order is None or self._as_ordered(kind, round_number, version)
+                if once and not ordered:
+                    return records
                 if kind == pb.Task.STOP:
                     self.log("the federation has finished")
                     self._finish(trainer, spec, version)
@@ -334,6 +342,30 @@ class Participant:
             self.rounds_log.close()
             if self.client is not None:
                 self.client.close()
+
+    def _as_ordered(self, kind: int, round_number: int, version: int) -> bool:
+        """Whether the data plane's task is the one the scheduler's message started this
+        process for (same on every rank). Another round, or the federation's end in a process
+        started to train, is left to the message that asks for it; another model version for
+        the same round is refused: someone other than the message's sender is answering."""
+        order = self.order
+        training = kind == pb.Task.TRAIN
+        if order.round >= 0 and (not training or round_number != order.round):
+            now = f"round {round_number}" if training else "nothing (the federation has finished)"
+            self.log(f"started for round {order.round}, but the aggregator asks for {now}: "
+                     "leaving it to the message for it")  # fmt: skip
+            return False
+        if order.round < 0 and training:
+            raise ModelMismatch(
+                f"started to pull the final model v{order.version}, but the aggregator runs "
+                f"round {round_number}"
+            )
+        if version >= 0 and version != order.version:
+            raise ModelMismatch(
+                f"the aggregator offers model version {version}; the message that started this "
+                f"node named version {order.version}"
+            )
+        return True
 
     def _until_round_closes(self, round_number: int) -> None:
         """Answer this round's secure-aggregation stages until a task names a later round, or
@@ -615,8 +647,11 @@ class Participant:
         if held is not None and held[0] == version:
             return held[1]
         encoding = self.spec.download_encoding
+        order = self.order
+        announced = order.model_sha256 if order and order.version == version else None
         if held is not None and held[0] == version - 1 and encoding not in ("", "fp32"):
-            weights = self.client.pull_from_previous(version, held[1], encoding, progress=progress)
+            weights = self.client.pull_from_previous(version, held[1], encoding, progress=progress,
+                                                     announced_sha256=announced)  # fmt: skip
             if weights is not None:
                 return weights
             self.log(
@@ -626,7 +661,7 @@ class Participant:
         # The old version's memory takes the new one: no fresh model-sized allocation.
         into = held[1] if held is not None and list(specs_of(held[1])) == self.model_specs else None
         return self.client.pull_model(version, expected=self.model_specs, progress=progress,
-                                      into=into)  # fmt: skip
+                                      into=into, announced_sha256=announced)  # fmt: skip
 
     def _push(
         self, round_number: int, version: int, delta: dict, tokens: int, loss: float,

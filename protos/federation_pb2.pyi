@@ -18,12 +18,14 @@ class Capabilities(_message.Message):
     def __init__(self, num_devices: _Optional[int] = ..., device_kind: _Optional[str] = ..., fedpt_version: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("organisation", "capabilities")
+    __slots__ = ("organisation", "capabilities", "admission_token")
     ORGANISATION_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     organisation: str
     capabilities: Capabilities
-    def __init__(self, organisation: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
+    admission_token: str
+    def __init__(self, organisation: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., admission_token: _Optional[str] = ...) -> None: ...
 
 class RoundPolicy(_message.Message):
     __slots__ = ("min_nodes", "max_nodes", "round_timeout_seconds")

@@ -140,6 +140,12 @@ BAD_COMMANDS = [
     (["simulate", "--out", "OUT", "--proximal-mu", "-1"], "proximal_mu must not be negative"),
     (["node", "join", "--insecure", "--data", "CORPUS", "--personalise-lr", "0"], "personalise_lr must be positive"),
     (["node", "join", "--insecure", "--data", "CORPUS", "--lora-rank", "0"], "lora_rank must be at least 1"),
+    (["node", "join", "--insecure", "--data", "CORPUS", "--once", "--expect-model", "3:beef"],
+     "--expect-model '3:beef': expected VERSION:SHA256"),
+    (["node", "join", "--insecure", "--data", "CORPUS", "--expect-model", "3:" + "ab" * 32],
+     "--expect-round and --expect-model go with --once"),
+    (["node", "join", "--insecure", "--data", "CORPUS", "--once", "--expect-round", "2"],
+     "--expect-round needs --expect-model VERSION:SHA256"),
     # One rule for organisation names, the one `fedpt ca issue` certifies:
     (["node", "join", "--insecure", "--data", "CORPUS", "--organisation", "acme corp"],
      "--organisation: organisation 'acme corp' is not valid: use 1-64 characters of A-Z a-z 0-9 . _ -"),

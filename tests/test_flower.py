@@ -3,6 +3,7 @@ simulation engine, against the same federation run natively. Skipped without the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ pytest.importorskip("flwr")
 from aggregator.store import Store
 from fedpt.simulate import free_port
 from model.io import load_tensors
-from node.flower import FlowerNodeError, node_command
+from node.flower import FlowerNodeError, Order, join_command, node_command
 
 ORGS = ("web", "systems")
 
@@ -96,9 +97,8 @@ def run_natively(root: Path) -> None:
     commands = {"aggregator": [sys.executable, "-m", "fedpt", "aggregator", "serve", "--config",
                                str(root / "aggregator.toml")]}  # fmt: skip
     for settings in node_settings(root):
-        command = node_command(settings, f"127.0.0.1:{port}")
-        command.remove("--once")  # the long-running node: every round in one process
-        commands[settings["organisation"]] = command
+        # the long-running node: every round in one process
+        commands[settings["organisation"]] = join_command(settings, f"127.0.0.1:{port}")
     processes = {}
     try:
         for name, command in commands.items():
@@ -261,16 +261,24 @@ def test_without_ray_address_a_run_starts_its_own_ray_beside_a_cluster_left_behi
 
 
 def test_node_settings_come_from_the_supernode_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    order = Order("train", "agg.example:7450", 3, 2, "ab" * 32, "secret-token")
     command = node_command({"data": "/corpus", "work-dir": "/w", "kit": "/kits/acme", "devices": 2,
-                            "partition-id": 0}, "agg.example:7450")  # fmt: skip
+                            "partition-id": 0}, order)  # fmt: skip
     assert command[command.index("--aggregator") + 1] == "agg.example:7450"
     assert command[command.index("--kit") + 1] == "/kits/acme"
     assert command[command.index("--nproc-per-node") + 1] == "2"
+    assert command[command.index("--expect-round") + 1] == "3"
+    assert command[command.index("--expect-model") + 1] == "2:" + "ab" * 32
     assert "--once" in command and "--insecure" not in command
+    assert "secret-token" not in command  # it goes in the environment, out of `ps`
+    final = node_command(
+        {"data": "/corpus", "work-dir": "/w"}, dataclasses.replace(order, kind="evaluate")
+    )
+    assert "--expect-round" not in final  # the final model: no round to train
     with pytest.raises(FlowerNodeError, match="unknown node-config keys: dta"):
-        node_command({"dta": "/corpus", "work-dir": "/w"}, "a:1")
+        node_command({"dta": "/corpus", "work-dir": "/w"}, order)
     with pytest.raises(FlowerNodeError, match="needs data"):
-        node_command({"work-dir": "/w"}, "a:1")
+        node_command({"work-dir": "/w"}, order)
 
 
 @pytest.mark.slow
