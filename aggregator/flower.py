@@ -9,8 +9,9 @@ ClientApp (node/flower.py) runs one fedpt node round against it (`fedpt node joi
 join with the token, pull and check that model, H inner steps, push, the round's
 secure-aggregation stages) and answers with a few metrics. The data plane refuses a Join
 without a token from this run (aggregator/admissions.py): only the SuperNodes Flower asked in
-take part, each as one organisation for the whole run. Models never ride Flower's transport, so memory stays O(model) however many nodes
-answer, and a restarted ServerApp resumes from fedpt's database like the native aggregator.
+take part, each as one organisation for the whole run. Models never ride Flower's transport,
+so memory stays O(model) however many nodes answer, and a restarted ServerApp resumes from
+fedpt's database like the native aggregator.
 When the federation has finished, one EVALUATE message has every node pull, score (and, if its
 settings say so, personalise) the final model.
 

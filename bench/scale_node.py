@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import sys
 import time
 import traceback
@@ -40,6 +41,7 @@ import torch
 from bench.common import proc_status_bytes, reset_peak_rss
 from model.train_config import TrainConfig
 from node.client import AggregatorClient
+from node.round_order import ADMISSION_TOKEN_ENV
 from node.secure_aggregation import NodeSecAgg
 from protos import federation_pb2 as pb
 from protos import pki
@@ -97,8 +99,10 @@ class SyntheticNode:
         self.give_up = time.monotonic() + args.timeout
         kit = pki.load_kit(args.kit) if args.kit else None
         self.kit = kit
+        # Under fedpt's Flower ServerApp the Join needs the TRAIN message's token.
+        token = os.environ.get(ADMISSION_TOKEN_ENV, "")
         self.client = AggregatorClient(args.address, args.organisation, kit=kit,
-                                       rpc_timeout=args.rpc_timeout)  # fmt: skip
+                                       rpc_timeout=args.rpc_timeout, admission_token=token)  # fmt: skip
         self.secagg: NodeSecAgg | None = None
         self.spec = pb.FederationSpec()
         self.tokens = 0

@@ -29,8 +29,9 @@ def train(message, context):
                "--organisation", str(settings["organisation"]), "--kit", str(settings["kit"]),
                "--records", str(work / "records.jsonl"), "--spool", str(work / "spool"),
                "--timeout", "1800"]  # fmt: skip
+    env = {**os.environ, "FEDPT_ADMISSION_TOKEN": str(order["token"])}
     with open(work / "node.log", "a") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         return Message(Error(code=1, reason=f"scale_node exited with {code}"), reply_to=message)
     return Message(RecordDict({"fedpt": MetricRecord({"trained": 1.0})}), reply_to=message)
