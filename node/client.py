@@ -147,9 +147,7 @@ class AggregatorClient:
                 timeout=self.rpc_timeout * 10,
             )  # fmt: skip
             breaks: list[grpc.RpcError] = []
-            messages = _until_broken(stream, breaks)
-            if announced_sha256 is not None:
-                messages = _announced(messages, version, announced_sha256)
+            messages = _announced(_until_broken(stream, breaks), version, announced_sha256)
             try:
                 assembler = receive_model(
                     _counting_chunks(messages, progress),
@@ -196,10 +194,9 @@ class AggregatorClient:
                 metadata=self._metadata, timeout=self.rpc_timeout * 10,
             )  # fmt: skip
             breaks: list[grpc.RpcError] = []
-            messages = _until_broken(stream, breaks)
-            if announced_sha256 is not None:
-                messages = _announced(messages, version, announced_sha256)
-            messages = _counting_chunks(messages, progress)
+            messages = _counting_chunks(
+                _announced(_until_broken(stream, breaks), version, announced_sha256), progress
+            )
             head = next(messages, None)
             if head is not None and head.WhichOneof("payload") != "manifest":
                 raise CodecError("model stream must start with a manifest")
@@ -312,9 +309,13 @@ def _counting_chunks(messages: Iterator, progress: Callable[[int], None] | None)
 
 
 def _announced(messages: Iterator[pb.ModelStreamMessage], version: int,
-               sha256: bytes) -> Iterator[pb.ModelStreamMessage]:  # fmt: skip
+               sha256: bytes | None) -> Iterator[pb.ModelStreamMessage]:  # fmt: skip
     """The messages, once the first (the manifest) names the model `sha256`: the root of the
-    whole model's payload, or an update's `model_sha256`, the model it leads to."""
+    whole model's payload, or an update's `model_sha256`, the model it leads to. None: no
+    model was announced, the messages as they come."""
+    if sha256 is None:
+        yield from messages
+        return
     first = next(messages, None)
     if first is None:
         return

@@ -12,6 +12,8 @@ from pathlib import Path
 from flwr.app import Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from node.round_order import ADMISSION_TOKEN_ENV
+
 app = ClientApp()
 
 
@@ -29,7 +31,7 @@ def train(message, context):
                "--organisation", str(settings["organisation"]), "--kit", str(settings["kit"]),
                "--records", str(work / "records.jsonl"), "--spool", str(work / "spool"),
                "--timeout", "1800"]  # fmt: skip
-    env = {**os.environ, "FEDPT_ADMISSION_TOKEN": str(order["token"])}
+    env = {**os.environ, ADMISSION_TOKEN_ENV: str(order["token"])}
     with open(work / "node.log", "a") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
