@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from aggregator.commit import CommitJob, Committer
+from aggregator.errors import Refused
 from aggregator.intake import UploadIntake
 from aggregator.membership import Membership
 from aggregator.secure_aggregation import SecAggRound, Stage
@@ -38,6 +39,8 @@ class RoundLifecycle:
         self.ready: dict[str, float] = {}  # node id -> last GetTask
         self._quorum_since: float | None = None
         self.saw_stop: set[str] = set()  # nodes told that the federation has finished
+        # A scheduler (the Flower ServerApp) names each round's participants: start_round.
+        self.scheduled = False
 
     def recover(self) -> None:
         """Pick the current round up where the last process left it (before serving)."""
@@ -147,7 +150,7 @@ class RoundLifecycle:
     # ---- transitions (caller holds the lock) --------------------------------------------------
     def maybe_start_round(self) -> None:
         s = self.shared
-        if s.round.state != RoundState.OPEN or s.finished:
+        if s.round.state != RoundState.OPEN or s.finished or self.scheduled:
             return
         ready = self._ready_nodes()
         policy = s.config.round
@@ -161,11 +164,27 @@ class RoundLifecycle:
         )
         if not everyone and now - self._quorum_since < policy.start_grace_seconds:
             return
-        participants = ready[: policy.max_nodes or None]
+        self._quorum_since = None
+        self._start(ready[: policy.max_nodes or None], now)
+
+    def start_round(self, participants: list[str]) -> None:
+        """Start the open round with these nodes, as a scheduler decided (`scheduled`)."""
+        s, policy = self.shared, self.shared.config.round
+        if s.round.state != RoundState.OPEN or s.finished:
+            raise Refused(f"round {s.round.number} is {s.round.state}, not open")
+        known = {n.id for n in s.store_call(s.store.nodes, s.federation_id)}
+        if unknown := sorted(set(participants) - known):
+            raise Refused(f"not members of this federation: {', '.join(unknown)}")
+        if len(set(participants)) < policy.min_nodes:
+            raise Refused(f"{len(set(participants))} node(s); [round] min_nodes is "
+                          f"{policy.min_nodes}")  # fmt: skip
+        self._start(sorted(set(participants))[: policy.max_nodes or None], s.clock())
+
+    def _start(self, participants: list[str], now: float) -> None:
+        s, policy = self.shared, self.shared.config.round
         deadline = now + policy.timeout_seconds
         s.round = s.store_call(s.store.start_round, s.federation_id, s.round.number,
                                participants, now, deadline)  # fmt: skip
-        self._quorum_since = None
         crash_points.reached("aggregator.training", s.round.number)
         if s.secure:
             s.secagg = SecAggRound(

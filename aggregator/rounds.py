@@ -140,6 +140,17 @@ class Coordinator:
         self.membership.admissions = self.membership.admissions or Admissions()
         return self.membership.admissions
 
+    def schedule_rounds(self) -> None:
+        """From now on rounds start only when start_round names their nodes (a scheduler's)."""
+        with self.lock:
+            self.lifecycle.scheduled = True
+
+    def start_round(self, node_ids: list[str]) -> int:
+        """Start the open round with these member nodes; its number."""
+        with self.lock:
+            self.lifecycle.start_round(node_ids)
+            return self.shared.round.number
+
     def node_of_organisation(self, organisation: str) -> NodeRow:
         return self.membership.node_of_organisation(organisation)
 
@@ -175,6 +186,24 @@ class Coordinator:
         with self.lock:
             self._secagg_round(request.round).share(node_id, request)
             self.shared.changed.notify_all()
+
+    def secagg_stage(self, number: int) -> str | None:
+        """The stage round `number`'s secure aggregation is in; None once it is over (or
+        before it starts)."""
+        with self.lock:
+            sec = self.shared.secagg
+            if sec is None or self.shared.round.number != number:
+                return None
+            return str(sec.stage)
+
+    def secagg_members(self, number: int, stage: str) -> list[str]:
+        """Who the round's stage `stage` expects an answer from: the participants (keys), the
+        nodes that advertised keys (shares), that shared (masked input), that sent a masked
+        update (unmask)."""
+        with self.lock:
+            sec = self._secagg_round(number)
+            return {"ADVERTISE": list(sec.participants), "SHARE": sec.u1, "MASKED_INPUT": sec.u2,
+                    "UNMASK": list(sec.survivors)}.get(stage, [])  # fmt: skip
 
     def secagg_state(self, node_id: str, number: int) -> pb.SecAggState:
         with self.lock:

@@ -44,6 +44,7 @@ class RunningAggregator:
     store: Store
     health: health.HealthServicer
     port: int
+    ca_pem: bytes | None = None  # the federation CA (None: --insecure)
 
     @property
     def address(self) -> str:
@@ -125,7 +126,9 @@ def start_aggregator(
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     security = "plain text" if kit is None else f"mutual TLS, CA of kit {kit.directory}"
     log(f"aggregator listening on {config.server.host}:{port} ({security})")
-    return RunningAggregator(server, coordinator, store, health_servicer, port)
+    return RunningAggregator(
+        server, coordinator, store, health_servicer, port, None if kit is None else kit.ca_pem
+    )
 
 
 def serve_forever(config: AggregatorConfig, log: Callable[[str], None] = print_line) -> None:

@@ -507,6 +507,11 @@ def add_node_parser(sub: argparse._SubParsersAction) -> None:
                       "last round) and its payload's sha256, as the scheduler announced them; "
                       "the node refuses any other. The scheduler's admission token, if any, "
                       "comes in $FEDPT_ADMISSION_TOKEN")  # fmt: skip
+    join.add_argument("--secagg-by-scheduler", action="store_true",
+                      help="with --expect-round: secure aggregation's key, share and unmask "
+                      "stages are answered through the scheduler's messages (fedpt's Flower "
+                      "ClientApp), from the secrets they keep in --work-dir; this process only "
+                      "trains and pushes the masked update")  # fmt: skip
     join.add_argument("--no-score-global", dest="score_global", action="store_false",
                       default=None, help="do not score each global model on the validation "
                       "split (nor report it to the aggregator)")  # fmt: skip
@@ -596,7 +601,8 @@ def cmd_node_join(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
     cfg = load_node_config(args.config, {**overrides, **launch_flags(args)})
     try:
-        order = RoundOrder.from_flags(args.expect_round, args.expect_model)
+        order = RoundOrder.from_flags(args.expect_round, args.expect_model,
+                                      args.secagg_by_scheduler)  # fmt: skip
     except RoundOrderError as e:
         raise UsageError(str(e)) from e
     if order is not None and not args.once:

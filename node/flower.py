@@ -4,9 +4,11 @@ Flower starts a ClientApp per message; fedpt's inner state lives in the node's w
 each TRAIN message runs one round in a fresh process, `fedpt node join --once` (torchrun for
 several devices, as `node join` does): join the ServerApp's fedpt data plane (the address and a
 one-time admission token are in the message), pull the global model and check it is the
-version and sha256 the message announced, train H inner steps, push the delta, answer the round's
-secure-aggregation stages, and exit once the aggregator has moved past the round. The reply
-carries that round's metrics only. EVALUATE (sent once the federation has finished) pulls,
+version and sha256 the message announced, train H inner steps, push the delta, and exit once
+the aggregator has moved past the round. The reply carries that round's metrics only. In a
+secure federation the round's key, share and unmask stages come as messages of their own,
+answered in the ClientApp's process (node/flower_stages.py); the TRAIN message's process masks
+its delta with the secrets they left in the work dir. EVALUATE (sent once the federation has finished) pulls,
 scores and personalises the final model the same way, and answers with its validation loss.
 
 Where the organisation's files are comes from the SuperNode, never from the ServerApp:
@@ -53,11 +55,14 @@ class Order:
     version: int  # the model to train from, or the final one
     model_sha256: str  # hex: the payload's sha256, checked by the node when it pulls
     token: str  # one-time admission token for the data plane's Join
+    # The round's secure-aggregation stages come as messages (node/flower_stages.py).
+    secagg_by_messages: bool = False
 
     @classmethod
     def from_record(cls, kind: str, record: Mapping[str, object]) -> Order:
         return cls(kind, str(record["aggregator"]), int(record["round"]), int(record["version"]),
-                   str(record["model-sha256"]), str(record["token"]))  # fmt: skip
+                   str(record["model-sha256"]), str(record["token"]),
+                   record.get("secagg-stages") == "messages")  # fmt: skip
 
 
 def node_command(settings: Mapping[str, object], order: Order) -> list[str]:
@@ -67,6 +72,8 @@ def node_command(settings: Mapping[str, object], order: Order) -> list[str]:
     command += ["--once", "--expect-model", f"{order.version}:{order.model_sha256}"]
     if order.kind == "train":
         command += ["--expect-round", str(order.round)]
+        if order.secagg_by_messages:
+            command.append("--secagg-by-scheduler")
     return command
 
 
@@ -142,8 +149,10 @@ def _tail(path: Path, lines: int = 20) -> str:
 def client_app(simulated: list[dict] | None = None):
     """The ClientApp. `simulated`: node settings by partition id, for Flower's simulation
     engine (`fedpt simulate --engine flower`); otherwise each SuperNode's node_config."""
-    from flwr.app import Error, Message, MetricRecord, RecordDict
+    from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
+
+    from node.flower_stages import STAGE_MESSAGES, StageError, answer_stage
 
     app = ClientApp()
 
@@ -152,11 +161,22 @@ def client_app(simulated: list[dict] | None = None):
             settings = dict(context.node_config)
             if simulated is not None:
                 settings = {**settings, **simulated[int(settings["partition-id"])]}
-            order = Order.from_record(kind, message.content.config_records["fedpt"])
-            metrics = take_part(settings, order)
-        except (FlowerNodeError, KeyError, ValueError, OSError) as e:
+            record = message.content.config_records["fedpt"]
+            if kind in STAGE_MESSAGES:
+                order = Order.from_record(STAGE_MESSAGES[kind], record)
+                answer = answer_stage(order.kind, settings, order.aggregator, order.round,
+                                      order.token, bytes(record.get("state", b"")))  # fmt: skip
+                return Message(RecordDict({"fedpt": ConfigRecord(answer)}), reply_to=message)
+            metrics = take_part(settings, Order.from_record(kind, record))
+        except (FlowerNodeError, StageError, KeyError, ValueError, OSError) as e:
             return Message(Error(code=1, reason=f"fedpt node: {e}"), reply_to=message)
         return Message(RecordDict({"fedpt": MetricRecord(metrics)}), reply_to=message)
+
+    for message_type in STAGE_MESSAGES:  # query.secagg_keys, ...: one handler each
+        action = message_type.partition(".")[2]
+        app.query(action)(
+            lambda message, context, kind=message_type: handle(message, context, kind)
+        )
 
     @app.train()
     def train(message, context):

@@ -265,8 +265,16 @@ class Participant:
                 raise FederationMismatch(
                     "this federation uses secure aggregation: the node needs its --kit"
                 )
-            self.secagg = NodeSecAgg(self.client, self.kit, spec.federation_id, spec.name)
+            # Under a scheduler that carries the other stages, their secrets are in work_dir.
+            keep_dir = self.work_dir / "secagg" if self._stages_elsewhere else None
+            self.secagg = NodeSecAgg(self.client, self.kit, spec.federation_id, spec.name,
+                                     keep_dir=keep_dir)  # fmt: skip
         return spec
+
+    @property
+    def _stages_elsewhere(self) -> bool:
+        """Secure aggregation's key, share and unmask stages are the scheduler's messages."""
+        return self.order is not None and self.order.secagg_by_scheduler
 
     def _build_trainer(self, spec: pb.FederationSpec) -> Trainer:
         tokenizer = self._tokenizer(json.loads(spec.tokenizer_json))
@@ -307,9 +315,10 @@ class Participant:
         """Take part in every round until the federation has finished, then pull, score and
         personalise the final model. `once`: one round, for a process started per round (a
         Flower ClientApp, node/flower.py): train and push it, answer its secure-aggregation
-        stages, and return once the aggregator has moved past it; the inner state comes from
-        and goes to work_dir as between rounds. With the scheduler's `order` (node/round_order.py),
-        only that round, from that model."""
+        stages, and return once the aggregator has moved past it (or, when the scheduler's
+        messages carry those stages, once pushed); the inner state comes from and goes to
+        work_dir as between rounds. With the scheduler's `order` (node/round_order.py), only
+        that round, from that model."""
         spec = self._join()
         trainer = self._build_trainer(spec)
         records: list[RoundRecord] = []
@@ -334,7 +343,7 @@ class Participant:
                 records.append(record)
                 self.rounds_log.write(dataclasses.asdict(record))
                 if once:
-                    if self.env.is_main and record.pushed:
+                    if self.env.is_main and record.pushed and not self._stages_elsewhere:
                         self._until_round_closes(round_number)
                     return records
         finally:
@@ -487,7 +496,10 @@ class Participant:
                 if reply.kind in (pb.Task.TRAIN, pb.Task.STOP):
                     task = (reply.kind, reply.round, reply.model_version)
                     break
-                if reply.kind in SECAGG_STAGES:
+                if reply.kind in SECAGG_STAGES and self._stages_elsewhere:
+                    # The scheduler's message for that stage answers it, not this process.
+                    time.sleep(min(self.cfg.poll_seconds, 1.0))
+                elif reply.kind in SECAGG_STAGES:
                     self._secagg_stage(reply)
         as_tensor = torch.tensor(task, dtype=torch.int64)
         as_bytes = broadcast_bytes(

@@ -6,6 +6,11 @@ carries a one-time admission token for the data plane's Join. The node holds the
 them: it joins with the token, trains only the round it was started for, and refuses a model
 whose manifest hashes to anything else — the model it trains from is the one the ServerApp
 announced, whatever answers at the data plane's address.
+
+In a secure federation the ServerApp sends secure aggregation's key, share and unmask stages
+as messages of their own (node/flower_stages.py answers them, in the ClientApp); the process
+started for the round then only trains and pushes its masked update (`--secagg-by-scheduler`),
+with the round's secrets the key and share messages left in its work dir.
 """
 
 from __future__ import annotations
@@ -32,10 +37,16 @@ class RoundOrder:
     version: int  # the global model version to start from (or the final one)
     model_sha256: bytes  # manifest root of that version's fp32 payload
     admission_token: str = ""
+    # Secure aggregation's other stages come as the scheduler's messages, not on the data plane.
+    secagg_by_scheduler: bool = False
 
     @classmethod
-    def from_flags(cls, expect_round: int | None, expect_model: str | None) -> RoundOrder | None:
-        """From `--expect-round R` and `--expect-model VERSION:SHA256` (None: neither given)."""
+    def from_flags(cls, expect_round: int | None, expect_model: str | None,
+                   secagg_by_scheduler: bool = False) -> RoundOrder | None:  # fmt: skip
+        """From `--expect-round R`, `--expect-model VERSION:SHA256` and `--secagg-by-scheduler`
+        (None: none given)."""
+        if secagg_by_scheduler and expect_round is None:
+            raise RoundOrderError("--secagg-by-scheduler needs --expect-round ROUND")
         if expect_model is None:
             if expect_round is not None:
                 raise RoundOrderError("--expect-round needs --expect-model VERSION:SHA256")
@@ -51,4 +62,4 @@ class RoundOrder:
                 "64 hex digits)"
             )
         return cls(-1 if expect_round is None else expect_round, version, digest,
-                   os.environ.get(ADMISSION_TOKEN_ENV, ""))  # fmt: skip
+                   os.environ.get(ADMISSION_TOKEN_ENV, ""), secagg_by_scheduler)  # fmt: skip

@@ -9,11 +9,18 @@ which it quantizes the weighted delta and adds the self mask and one pairwise ma
 one chunk at a time; finally reveal, for
 each survivor, its self-seed share and, for each node that dropped, its mask-key share — never
 both for the same node, which would unmask that node alone.
+
+A node whose stages run in different processes (a Flower ClientApp per message, node/flower.py)
+keeps the round's secrets in a folder of its work dir (`keep_dir`), readable by its owner
+only, and drops them once it has unmasked or a later round begins.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from protos import federation_pb2 as pb
 from protos import pki, secagg
@@ -33,14 +40,35 @@ class RoundSecrets:
     peers: dict[str, pb.SignedKeys] = field(default_factory=dict)
     shares_for_me: list[pb.EncryptedShare] = field(default_factory=list)
 
+    def to_json(self) -> str:
+        return json.dumps({
+            "cipher_private": self.cipher_private.hex(), "mask_private": self.mask_private.hex(),
+            "self_seed": self.self_seed.hex(),
+            "peers": {n: k.SerializeToString().hex() for n, k in self.peers.items()},
+            "shares_for_me": [s.SerializeToString().hex() for s in self.shares_for_me],
+        })  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> RoundSecrets:
+        raw = json.loads(text)
+        return cls(
+            bytes.fromhex(raw["cipher_private"]), bytes.fromhex(raw["mask_private"]),
+            bytes.fromhex(raw["self_seed"]),
+            {n: pb.SignedKeys.FromString(bytes.fromhex(k)) for n, k in raw["peers"].items()},
+            [pb.EncryptedShare.FromString(bytes.fromhex(s)) for s in raw["shares_for_me"]],
+        )  # fmt: skip
+
 
 class NodeSecAgg:
-    def __init__(
-        self, client, kit: pki.StartupKit, federation_id: str, federation_name: str = ""
-    ) -> None:
+    """`client` carries the stages: the data plane's AggregatorClient, or anything with its
+    node_id, advertise_keys, share_keys, secagg_state and unmask (node/flower_stages.py)."""
+
+    def __init__(self, client, kit: pki.StartupKit, federation_id: str, federation_name: str = "",
+                 keep_dir: Path | None = None) -> None:  # fmt: skip
         self.client, self.kit, self.federation_id = client, kit, federation_id
         self.federation_name = federation_name or federation_id
         self.rounds: dict[int, RoundSecrets] = {}
+        self.keep_dir = keep_dir  # None: the secrets live in this process only
 
     @property
     def node_id(self) -> str:
@@ -57,6 +85,8 @@ class NodeSecAgg:
         self.rounds = {
             round_number: RoundSecrets(cipher_private, mask_private)
         }  # older rounds are over
+        self._forget_kept(keep=round_number)
+        self._keep(round_number)
         self.client.advertise_keys(pb.AdvertiseKeysRequest(round=round_number, keys=keys))
 
     def _verified_peers(self, round_number: int, state: pb.SecAggState) -> dict[str, pb.PeerKeys]:
@@ -104,6 +134,7 @@ class NodeSecAgg:
                 key, self.federation_id, round_number, self.node_id, node_id, bundle
             )
             request.shares.add(sender=self.node_id, recipient=node_id, ciphertext=blob)
+        self._keep(round_number)
         self.client.share_keys(request)
 
     def _share_key(self, mine: RoundSecrets, peer_cipher_public: bytes, round_number: int,
@@ -122,6 +153,7 @@ class NodeSecAgg:
                 "this node's shares were not accepted; it cannot take part in this round"
             )
         mine.shares_for_me = list(state.shares_for_me)
+        self._keep(round_number)
         pair_seeds = {}
         for peer in holders:
             if peer != self.node_id:
@@ -173,9 +205,48 @@ class NodeSecAgg:
                 request.mask_key_shares.add(about_node=sender, share=key_share)
         self.client.unmask(request)
         del self.rounds[round_number]  # answer at most once per round
+        self._forget_kept()
 
     def _secrets(self, round_number: int) -> RoundSecrets:
         mine = self.rounds.get(round_number)
+        if mine is None and self.keep_dir is not None:
+            try:
+                mine = RoundSecrets.from_json(self._kept_path(round_number).read_text())
+            except FileNotFoundError:
+                mine = None
+            except (ValueError, KeyError, TypeError) as e:  # DecodeError is a ValueError
+                raise SecAggRefused(
+                    f"the kept secrets of round {round_number} are unreadable: {e}"
+                ) from e
+            if mine is not None:
+                self.rounds = {round_number: mine}
         if mine is None:
             raise SecAggRefused(f"this node holds no keys for round {round_number} (it restarted?)")
         return mine
+
+    # ---- secrets kept between processes -------------------------------------------------------
+    def _kept_path(self, round_number: int) -> Path:
+        return self.keep_dir / f"round-{round_number}.json"
+
+    def _keep(self, round_number: int) -> None:
+        """Write the round's secrets where the next stage's process finds them (owner-only,
+        replaced atomically)."""
+        if self.keep_dir is None:
+            return
+        self.keep_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._kept_path(round_number)
+        partial = path.with_suffix(".partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.rounds[round_number].to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+
+    def _forget_kept(self, keep: int | None = None) -> None:
+        """Delete the kept secrets of every round but `keep`: those rounds are over."""
+        if self.keep_dir is None or not self.keep_dir.is_dir():
+            return
+        for path in self.keep_dir.glob("round-*.json"):
+            if keep is None or path.name != f"round-{keep}.json":
+                path.unlink(missing_ok=True)

@@ -78,6 +78,7 @@ _KEYS_TAG = b"fedpt/secagg/keys/v1"
 _SHARE_KEY_TAG = b"fedpt/secagg/share-key/v1"
 _SHARES_AAD_TAG = b"fedpt/secagg/shares/v1"
 _ROUNDING_TAG = b"fedpt/secagg/rounding/v1"
+_STAGE_REPLY_TAG = b"fedpt/secagg/stage-reply/v1"
 
 
 # --- canonical encoding (signed messages, HKDF info, AAD) ---
@@ -426,6 +427,15 @@ def keys_message(
     _check_len("cipher public key", cipher_public, KEY_BYTES)
     _check_len("mask public key", mask_public, KEY_BYTES)
     return _encode(_KEYS_TAG, federation_id, round_number, node_id, cipher_public, mask_public)
+
+
+def stage_reply_message(
+    federation_id: str, round_number: int, stage: str, node_id: str, request: bytes
+) -> bytes:
+    """The bytes a node signs to vouch for a stage's answer sent through a scheduler that does
+    not authenticate it (Flower: aggregator/flower_stages.py): the serialized request, bound to
+    the federation, round, stage and node, so it cannot be replayed anywhere else."""
+    return _encode(_STAGE_REPLY_TAG, federation_id, round_number, stage, node_id, request)
 
 
 def sign(identity_private: Ed25519PrivateKey, message: bytes) -> bytes:

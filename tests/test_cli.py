@@ -146,6 +146,9 @@ BAD_COMMANDS = [
      "--expect-round and --expect-model go with --once"),
     (["node", "join", "--insecure", "--data", "CORPUS", "--once", "--expect-round", "2"],
      "--expect-round needs --expect-model VERSION:SHA256"),
+    (["node", "join", "--insecure", "--data", "CORPUS", "--once", "--secagg-by-scheduler",
+      "--expect-model", "3:" + "ab" * 32],
+     "--secagg-by-scheduler needs --expect-round ROUND"),
     # One rule for organisation names, the one `fedpt ca issue` certifies:
     (["node", "join", "--insecure", "--data", "CORPUS", "--organisation", "acme corp"],
      "--organisation: organisation 'acme corp' is not valid: use 1-64 characters of A-Z a-z 0-9 . _ -"),

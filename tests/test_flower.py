@@ -284,7 +284,8 @@ def test_node_settings_come_from_the_supernode_and_bad_ones_are_refused(tmp_path
 @pytest.mark.slow
 def test_fedpt_simulate_on_flowers_engine_with_secure_aggregation(tmp_path: Path) -> None:
     """`fedpt simulate --engine flower` with its defaults (mutual TLS, masked-int16 secure
-    aggregation): the secure stages of each round are answered by that round's ClientApp."""
+    aggregation): each round's key, share and unmask stages are Flower messages, every answer
+    verified by the ServerApp; the TRAIN message's process masks with the secrets they kept."""
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "fedpt", "simulate", "--engine", "flower", "--nodes", "2", "--rounds", "2",
@@ -302,7 +303,14 @@ def test_fedpt_simulate_on_flowers_engine_with_secure_aggregation(tmp_path: Path
         store.close()
     # A masked round commits only once its survivors have unmasked: every stage was answered.
     assert json.loads(spec_json)["delta_encoding"] == "masked-int16"
+    server_log = (out / "logs" / "flower.log").read_text()
+    for number in (0, 1):
+        for stage in ("keys", "shares", "unmask"):
+            line = f"flower: round {number}: {stage} from 2 of 2 SuperNodes verified"
+            assert line in server_log, server_log[-3000:]
     for org in ORGS:
         log = (out / "nodes" / org / "flower.log").read_text()
         assert log.count("== train message") == 2 and log.count("== evaluate message") == 1
+        assert log.count("--secagg-by-scheduler") == 2
+        assert not list((out / "nodes" / org / "secagg").glob("round-*"))  # gone once unmasked
         assert (out / "nodes" / org / "final" / "personalised.safetensors").is_file()

@@ -57,8 +57,9 @@ def fedpt_pki(root: Path) -> None:
 @pytest.mark.slow
 def test_flwr_run_deploys_fedpt_on_a_superlink_with_tls_and_supernode_auth(tmp_path: Path) -> None:
     """Two registered SuperNodes take part in 2 committed rounds (secure aggregation, the
-    default encoding, answered by each round's ClientApp); a SuperNode whose key was never
-    registered is refused by the SuperLink; every process is stopped by pid."""
+    default encoding: its key, share and unmask stages are Flower messages, each answer
+    verified against the federation's CA); a SuperNode whose key was never registered is
+    refused by the SuperLink; every process is stopped by pid."""
     fedpt_pki(tmp_path)
     config = tmp_path / "aggregator.toml"
     config.write_text(aggregator_toml(tmp_path, free_port()))
@@ -83,6 +84,10 @@ def test_flwr_run_deploys_fedpt_on_a_superlink_with_tls_and_supernode_auth(tmp_p
         server_log = flower.run_log(run_id)
         assert row["status"] == "finished:completed", f"{row}\n{server_log[-3000:]}"
         assert "flower: round 1 over, 2 of 2 nodes answered" in server_log, server_log[-3000:]
+        for number in (0, 1):
+            for stage in ("keys", "shares", "unmask"):
+                line = f"flower: round {number}: {stage} from 2 of 2 SuperNodes verified"
+                assert line in server_log, server_log[-3000:]
         started = flower.pids()
         assert started
     assert not [pid for pid in started if alive(pid)]
@@ -103,4 +108,5 @@ def test_flwr_run_deploys_fedpt_on_a_superlink_with_tls_and_supernode_auth(tmp_p
             json.loads(line) for line in (work_dir / "rounds.jsonl").read_text().splitlines()
         ]
         assert [r["round"] for r in records if r["pushed"]] == [0, 1]
+        assert not list((work_dir / "secagg").glob("round-*"))  # round secrets gone once unmasked
         assert json.loads((work_dir / "final" / "report.json").read_text())["version"] == 2
