@@ -6,8 +6,10 @@ optimizer, streaming accumulator, SQL store and the resumable gRPC data plane, e
 each round, every SuperNode gets a TRAIN message naming the data plane's address, the round,
 the global model version and its payload's sha256, and a one-time admission token; its
 ClientApp (node/flower.py) runs one fedpt node round against it (`fedpt node join --once`:
-join with the token, pull and check that model, H inner steps, push, the round's
-secure-aggregation stages) and answers with a few metrics. The data plane refuses a Join
+join with the token, pull and check that model, H inner steps, push) and answers with a few
+metrics. In a secure federation the round's key, share and unmask stages are messages of their
+own around TRAIN; every answer proves its organisation in-band (aggregator/flower_stages.py),
+and the round starts with the SuperNodes whose keys verified. The data plane refuses a Join
 without a token from this run (aggregator/admissions.py): only the SuperNodes Flower asked in
 take part, each as one organisation for the whole run. Models never ride Flower's transport,
 so memory stays O(model) however many nodes answer, and a restarted ServerApp resumes from
