@@ -271,6 +271,11 @@ def test_node_settings_come_from_the_supernode_and_bad_ones_are_refused(tmp_path
     assert command[command.index("--expect-model") + 1] == "2:" + "ab" * 32
     assert "--once" in command and "--insecure" not in command
     assert "secret-token" not in command  # it goes in the environment, out of `ps`
+    assert "--secagg-by-scheduler" not in command
+    record = {"aggregator": "agg.example:7450", "round": 3, "version": 2, "model-sha256": "ab" * 32,
+              "token": "t", "secagg-stages": "messages"}  # fmt: skip
+    staged = node_command({"data": "/corpus", "work-dir": "/w"}, Order.from_record("train", record))
+    assert "--secagg-by-scheduler" in staged  # the stage messages answer keys, shares, unmask
     final = node_command(
         {"data": "/corpus", "work-dir": "/w"}, dataclasses.replace(order, kind="evaluate")
     )
