@@ -23,6 +23,18 @@ from model.io import CheckpointError, fsync_dir, load_tensors, save_tensors_atom
 
 GLOBAL_FORMAT = "fedpt-global/1"
 OUTER_PREFIX = "outer/"
+# What makes a global checkpoint self-describing, as a fedpt weights file is (model/io.py):
+# `fedpt eval`, `generate` and `export` rebuild the model from the file alone.
+DESCRIPTION_KEYS = ("model_config", "tokenizer", "train_seq_len")
+
+
+def model_description(model_config_json: str, tokenizer_json: str, seq_len: int) -> dict[str, str]:
+    """The extra metadata naming a global checkpoint's model, tokenizer and training length."""
+    return dict(
+        zip(DESCRIPTION_KEYS, (model_config_json, tokenizer_json, str(seq_len)), strict=True)
+    )
+
+
 RESERVED_KEYS = ("format", "version", "round", "outer", "order")
 _VERSION_FILE = re.compile(r"global_v(\d{8,})\.safetensors")
 _TEMP_FILE = re.compile(r"\.global_v\d{8,}\.safetensors\.tmp-.*")  # save_tensors_atomic's temp

@@ -118,7 +118,8 @@ class Committer:
                 new_params, update_manifest = compress_step(
                     job.base.params, new_params, download, update_path, chunk_bytes, version
                 )
-            extra = {UPDATE_SCALE_KEY: json.dumps(scale)} if scale is not None else None
+            extra = {UPDATE_SCALE_KEY: json.dumps(scale)} if scale is not None else {}
+            extra |= s.model_description
             # Serving needs every chunk's hash, the checkpoint its file's: both only read the
             # new model, so they run side by side (hashing and file writes release the GIL).
             with ThreadPoolExecutor(1, thread_name_prefix="commit-encode") as pool:

@@ -122,6 +122,9 @@ class FederationConfig:
     inner_steps: int = 50  # H
     seed: int = 0  # initial global model
     tokenizer: str = ""  # BPE tokenizer JSON (nodes need the same file); empty: byte-level
+    # Version 0 is this model instead of a random one (continual pretraining): a fedpt weights
+    # file or run, a global checkpoint, or a transformers Llama folder; its shape replaces [model].
+    init_from: str = ""
     # How node updates travel (protos/delta_encoding.py): plain fp32 | bf16 | int8, or secure
     # aggregation masked-int32 | masked-int16 | masked-int8. auto: AUTO_SECURE (masked-int16)
     # with mutual TLS, AUTO_PLAIN (int8) without.
@@ -258,6 +261,10 @@ def config_from_dict(raw: dict) -> AggregatorConfig:
     for name in SECTIONS:
         if not isinstance(raw.get(name, {}), dict):
             raise AggregatorConfigError(f"[{name}] must be a table")
+    if raw.get("model") and dict(raw.get("federation", {})).get("init_from"):
+        raise AggregatorConfigError(
+            "[federation] init_from names the model, and so do [model] or --preset: drop one"
+        )
     try:
         model_table = dict(raw.get("model", {}))
         base = preset(model_table.pop("preset", "tiny"))

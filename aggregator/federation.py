@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from google.protobuf import json_format
 
-from aggregator.checkpoints import CheckpointStore
-from aggregator.config import AggregatorConfig
+from aggregator.checkpoints import CheckpointStore, model_description
+from aggregator.config import AggregatorConfig, AggregatorConfigError
 from aggregator.outer import OuterConfigError, OuterOptimizer
 from aggregator.state import RecoveryError
 from aggregator.store import CheckpointRow, Store
@@ -21,6 +21,7 @@ from model.config import ModelConfig
 from model.gpt import GPT
 from model.io import model_state
 from model.tokenizer import ByteTokenizer, load_tokenizer
+from model.train_config import TrainConfig
 from protos import federation_pb2 as pb
 
 # Fields of the spec a restarted aggregator may not change under a running federation.
@@ -87,7 +88,11 @@ def open_federation(
         if config.federation.tokenizer
         else ByteTokenizer().spec()
     )
-    model_config = config.model.with_vocab(tokenizer_spec["vocab_size"])
+    source = _initial_model(config.federation.init_from, tokenizer_spec)
+    if source is None:
+        model_config = config.model.with_vocab(tokenizer_spec["vocab_size"])
+    else:
+        model_config = source.config
     spec = build_spec(config, model_config.to_json(), tokenizer_spec)
     name = config.federation.name
     found = store.find_federation(name)
@@ -95,9 +100,16 @@ def open_federation(
         federation_id = str(uuid.uuid4())
         spec.federation_id = federation_id
         torch.manual_seed(config.federation.seed)
-        params = {k: v.detach().clone() for k, v in model_state(GPT(model_config)).items()}
+        if source is None:
+            params = {k: v.detach().clone() for k, v in model_state(GPT(model_config)).items()}
+        else:
+            params = _checked_params(source)
+            log(f"version 0 is {source.description}")
         outer = OuterOptimizer(config.outer, params)
-        record = checkpoints.write(0, -1, params, outer.state_tensors(), outer.state_meta())
+        seq_len = TrainConfig.from_dict(config.train).seq_len
+        described = model_description(spec.model_config_json, spec.tokenizer_json, seq_len)
+        record = checkpoints.write(0, -1, params, outer.state_tensors(), outer.state_meta(),
+                                   described)  # fmt: skip
         row = CheckpointRow(0, -1, str(record.path), record.sha256, record.nbytes, clock())
         store.create_federation(federation_id, name, _spec_json(spec), row)
         log(f"federation {name!r} created ({model_config.num_params() / 1e6:.2f}M params)")
@@ -131,3 +143,45 @@ def _spec_json(spec: pb.FederationSpec) -> str:
     return json.dumps(
         json_format.MessageToDict(spec, preserving_proto_field_name=True), sort_keys=True
     )
+
+
+def _initial_model(init_from: str, tokenizer_spec: dict):
+    """The model `[federation] init_from` names (node/model_source.py), checked against the
+    federation's tokenizer; None when it names none."""
+    if not init_from:
+        return None
+    from model.io import CheckpointError
+    from node.model_source import locate
+
+    try:
+        source = locate(init_from)
+    except CheckpointError as e:
+        raise AggregatorConfigError(f"[federation] init_from: {e}") from e
+    mine = {k: v for k, v in source.tokenizer_spec.items() if k != "vocab_size"}
+    theirs = {k: v for k, v in tokenizer_spec.items() if k != "vocab_size"}
+    if mine and mine != theirs:
+        raise AggregatorConfigError(
+            f"[federation] init_from: {source.description} was trained with tokenizer "
+            f"{json.dumps(source.tokenizer_spec)}, but the federation's is "
+            f"{json.dumps(tokenizer_spec)} (set [federation] tokenizer to its tokenizer.json)"
+        )
+    if tokenizer_spec["vocab_size"] > source.config.vocab_size:
+        raise AggregatorConfigError("[federation] init_from: the tokenizer's vocabulary is larger "
+                                    "than the model's")  # fmt: skip
+    return source
+
+
+def _checked_params(source) -> dict[str, torch.Tensor]:
+    """The source's weights in the model's own tensor order, every name and shape checked."""
+    with torch.device("meta"):
+        expected = model_state(GPT(source.config))
+    state = source.state()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise AggregatorConfigError(f"[federation] init_from: {source.description} lacks "
+                                    f"{missing[:3]} or has extra {extra[:3]}")  # fmt: skip
+    for name, want in expected.items():
+        if tuple(state[name].shape) != tuple(want.shape):
+            raise AggregatorConfigError(f"[federation] init_from: {name} has shape "
+                                        f"{tuple(state[name].shape)}, not {tuple(want.shape)}")  # fmt: skip
+    return {name: state[name].to(torch.float32).contiguous() for name in expected}

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 
+from aggregator.checkpoints import model_description
 from aggregator.config import AggregatorConfig
 from aggregator.downloads import OuterUpdate
 from aggregator.errors import Unavailable
 from aggregator.secure_aggregation import SecAggRound
 from aggregator.store import RoundRow, Store, StoreError
+from model.train_config import TrainConfig
 from protos import federation_pb2 as pb
 from protos.codec import EncodedPayload, Manifest, SpooledPayload, TensorSpec, encode, specs_of
 from protos.delta_encoding import is_secure, wire_specs
@@ -101,6 +103,12 @@ class Shared:
     @property
     def secure(self) -> bool:
         return is_secure(self.config.delta_encoding)
+
+    @property
+    def model_description(self) -> dict[str, str]:
+        """What each global checkpoint records about its model (aggregator/checkpoints.py)."""
+        seq_len = TrainConfig.from_dict(self.config.train).seq_len
+        return model_description(self.spec.model_config_json, self.spec.tokenizer_json, seq_len)
 
     @property
     def finished(self) -> bool:

@@ -41,6 +41,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from aggregator.rounds import RecoveryError
     from aggregator.store import StoreError
     from fedpt.simulate import SimulationError
+    from model.hf import HFFormatError
     from model.train_config import TrainConfigError
     from node.corpus import DataError
     from node.parallel import LaunchError
@@ -53,7 +54,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (*USER_ERRORS, UsageError, DataError, TrainConfigError, TrainingError,
             AggregatorConfigError, RecoveryError, StoreError, OSError, NodeConfigError,
             FederationMismatch, SimulationError, PKIError, LaunchError, PersonaliseError,
-            AggregatorUnreachable, ModelMismatch, crash_points.CrashPointError)  # fmt: skip
+            AggregatorUnreachable, ModelMismatch, HFFormatError,
+            crash_points.CrashPointError)  # fmt: skip
 
 
 # ---- ranks and hosts (torchrun) ---------------------------------------------------------------
@@ -94,7 +96,17 @@ TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "grad_accum": (int, "micro-batches per optimizer step (default 1)"),
     "seq_len": (int, "tokens per training sequence (default 128)"),
     "lr": (float, "peak AdamW learning rate (default 3e-3)"),
-    "warmup_steps": (int, "linear warm-up steps before the cosine decay (default 20)"),
+    "warmup_steps": (
+        int,
+        "linear warm-up steps from 0 to --lr, also the re-warm after --init-from (default 20)",
+    ),
+    "schedule": (
+        str,
+        "learning rate after the warm-up: cosine (decay to lr*min_lr_ratio), wsd "
+        "(hold, then decay over the last --decay-fraction) or constant (default cosine)",
+    ),
+    "decay_fraction": (float, "wsd: the share of --steps spent decaying (default 0.2)"),
+    "min_lr_ratio": (float, "cosine and wsd decay to lr times this (default 0.1)"),
     "weight_decay": (float, "AdamW weight decay on matrices (default 0.1)"),
     "grad_clip": (float, "clip the gradient norm to this; 0: off (default 1.0)"),
     "seed": (int, "initial weights and data order (default 0)"),
@@ -146,6 +158,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
     )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this model's weights (anything --checkpoint of eval takes: a weights "
+        "file or run, an aggregator's global checkpoint, a transformers Llama folder; its shape "
+        "and tokenizer) with a fresh optimizer and the schedule from step 0: continual pretraining",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -180,11 +199,43 @@ def load_train_configs(args: argparse.Namespace) -> tuple[ModelConfig, object]:
     return model_config, train_config
 
 
+def check_init_from(args: argparse.Namespace) -> None:
+    """`--init-from`: the model's shape and tokenizer are that model's; refuse --resume, shape
+    settings (--preset, the --config's [model] table) and a --tokenizer that disagree with it."""
+    from node.local_training import initial_tokenizer, load_initial_weights
+
+    if args.resume:
+        raise UsageError("--init-from and --resume are mutually exclusive: --init-from starts a "
+                         "new run from a model, --resume continues this run's own checkpoint")  # fmt: skip
+    init = load_initial_weights(args.init_from)
+    model_table, _ = read_config_tables(args.config, "config")
+    preset_name = args.preset or model_table.pop("preset", None)
+    model_table.pop("preset", None)
+    # vocab_size follows the tokenizer (checked below); a preset's max_seq_len is raised to
+    # --seq-len anyway (RoPE holds no weights). Every other setting asked for must agree.
+    asked = {k: (f"--preset {preset_name}", v) for k, v in
+             (preset(preset_name).to_dict() if preset_name else {}).items()
+             if k not in ("vocab_size", "max_seq_len")}  # fmt: skip
+    asked.update({k: (f"[model] {k}", v) for k, v in model_table.items() if k != "vocab_size"})
+    found = init.config.to_dict()  # load_train_configs has refused unknown keys already
+    differ = [f"{k}={v!r} ({where})" for k, (where, v) in asked.items() if found[k] != v]
+    if differ:
+        have = ", ".join(f"{k}={found[k]!r}" for k, (_, v) in asked.items() if found[k] != v)
+        raise UsageError(
+            f"--init-from {init.description} is a model with {have}; asked for {', '.join(differ)}: "
+            "leave the shape out, --init-from sets it"
+        )
+    initial_tokenizer(init, args.tokenizer)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from node.parallel import Launch
 
     launch = Launch(**launch_flags(args))
     model_config, train_config = load_train_configs(args)
+    if args.init_from is not None:
+        check_init_from(args)
+        model_config = None  # the shape is the --init-from model's
     if launch.ranks > 1 and "LOCAL_RANK" not in os.environ:
         return relaunch_under_torchrun(args, launch)
     from node.local_training import run_training
@@ -199,6 +250,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             out_dir=args.out,
             tokenizer_path=args.tokenizer,
             resume=args.resume,
+            init_from=args.init_from,
             env=env,
         )
     finally:
@@ -268,6 +320,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a model in another format (Hugging Face transformers)")
+    p.add_argument("--checkpoint", required=True, help="weights file, run folder, node work "
+                   "dir or aggregator state dir (as for eval)")  # fmt: skip
+    p.add_argument("--format", choices=("hf",), default="hf",
+                   help="hf: a transformers Llama folder (default; needs the hf extra)")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="the folder to write (new or empty)")
+    p.add_argument("--tokenizer", help="BPE tokenizer JSON (default: found beside the checkpoint)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from node.model_export import export_checkpoint
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise UsageError(f"--out {args.out} exists and is not an empty folder")
+    source = export_checkpoint(args.checkpoint, args.out, args.tokenizer)
+    print(f"exported {source.description} to {args.out} (transformers LlamaForCausalLM)")
+    return 0
+
+
+def add_import_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="a Hugging Face Llama model as a fedpt weights file")
+    p.add_argument("--from", dest="source", type=Path, required=True,
+                   help="a transformers folder (config.json, safetensors weights, tokenizer.json)")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True,
+                   help="the folder to write: model.safetensors (and tokenizer.json for a BPE)")  # fmt: skip
+    p.set_defaults(func=cmd_import)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from node.model_export import import_folder
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise UsageError(f"--out {args.out} exists and is not an empty folder")
+    weights = import_folder(args.source, args.out)
+    print(f"imported {args.source} as {weights}: use it with --init-from or --checkpoint")
+    return 0
+
+
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument(
@@ -280,6 +372,20 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50)"
     )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample among the likeliest tokens holding this much probability, in (0, 1] "
+        "(nucleus sampling; default 1.0: off)",
+    )
+    p.add_argument("--stop", help="stop once the new text contains this string; it is cut off")
+    p.add_argument(
+        "--no-kv-cache",
+        action="store_true",
+        help="re-run the whole context for every token instead of caching keys and values "
+        "(slower; for comparison)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.set_defaults(func=cmd_generate)
 
@@ -289,6 +395,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 0 or args.top_k < 1 or args.temperature < 0:
         raise UsageError("--max-new-tokens must be ≥0, --top-k ≥1 and --temperature ≥0")
+    if not 0 < args.top_p <= 1:  # also refuses nan
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.stop == "":
+        raise UsageError("--stop must not be empty")
     text = run_generate(
         args.checkpoint,
         args.prompt,
@@ -296,7 +406,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
+        top_p=args.top_p,
+        stop=args.stop,
         seed=args.seed,
+        use_cache=not args.no_kv_cache,
     )
     print(text)
     return 0
@@ -408,6 +521,9 @@ AGGREGATOR_FLAGS = {
     "outer": ("outer", "name", str, "outer optimizer: fedavg, nesterov or adam"),
     "outer_lr": ("outer", "lr", float, "outer learning rate ([outer] lr)"),
     "kit": ("server", "kit", str, "the aggregator's startup kit folder: mutual TLS"),
+    "init_from": ("federation", "init_from", str,
+                  "start a new federation from this model (fedpt weights or run, global "
+                  "checkpoint, or transformers Llama folder) instead of a random one"),
 }
 # fmt: on
 
@@ -817,6 +933,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_train_parser,
         add_eval_parser,
         add_generate_parser,
+        add_export_parser,
+        add_import_parser,
         add_tokenizer_parser,
         add_data_parser,
         add_aggregator_parser,

@@ -5,7 +5,8 @@ Block:  x + Attention(RMSNorm(x))  then  x + FeedForward(RMSNorm(x))
 
 Parameter names follow Meta's LLaMA checkpoints (tok_embeddings, layers.N.attention.wq, …).
 Parallelism, precision and activation checkpointing are applied from outside (node/parallel.py):
-nothing here knows about devices beyond what the input tensors carry.
+nothing here knows about devices beyond what the input tensors carry. Inference passes a KV cache
+(model/generation.py) down the same forward; training passes none and runs exactly as without it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from model.attention import causal_attention
 from model.config import ModelConfig
+from model.generation import KVCache, LayerCache, generate_tokens
 
 
 class RMSNorm(nn.Module):
@@ -60,13 +62,22 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """cos, sin: the rotary tables at these tokens' positions; with `cache`, the tokens
+        follow the cached ones and attend to them too."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = causal_attention(q, k, v)  # [B, T, H, D]
+        # [B, T, H, D]; a cache appends these k, v and attends over all it holds
+        out = causal_attention(q, k, v) if cache is None else cache.attend(q, k, v)
         return self.wo(out.reshape(B, T, -1))
 
 
@@ -91,8 +102,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -128,17 +145,31 @@ class GPT(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(
-        self, tokens: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens, targets: [B, T] int64. Returns logits [B, T, vocab] and the mean
-        cross-entropy over all target tokens (None without targets)."""
+        cross-entropy over all target tokens (None without targets).
+
+        With `cache` (inference), `tokens` sit at positions cache.length.. after the cached
+        ones, whose keys and values they attend to; the cache then holds them as well."""
         T = tokens.shape[1]
-        if self.config.max_seq_len < T:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        start = 0 if cache is None else cache.length
+        if self.config.max_seq_len < start + T:
+            raise ValueError(
+                f"sequence length {start + T} exceeds max_seq_len {self.config.max_seq_len}"
+            )
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        if cache is None:  # training: the blocks are called exactly as the wrappers expect
+            for layer in self.layers:
+                x = layer(x, cos, sin)
+        else:
+            for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+                x = layer(x, cos, sin, layer_cache)
         logits = self.output(self.norm(x))
         if targets is None:
             return logits, None
@@ -154,24 +185,18 @@ class GPT(nn.Module):
         *,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float = 1.0,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample a continuation of `prompt` ([1, T]); temperature 0 is greedy."""
-        tokens = prompt
-        for _ in range(max_new_tokens):
-            context = tokens[:, -self.config.max_seq_len :]
-            logits = self(context)[0][:, -1, :].float()
-            if temperature <= 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = logits.softmax(dim=-1)
-                next_token = torch.multinomial(probs, 1, generator=generator)
-            tokens = torch.cat((tokens, next_token), dim=1)
-            if eos_id is not None and int(next_token) == eos_id:
+        """`prompt` ([1, T]) followed by up to `max_new_tokens` sampled tokens, ending early
+        after `eos_id`; temperature 0 is greedy. See model/generation.py."""
+        new_tokens = []
+        steps = generate_tokens(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, generator=generator, use_cache=use_cache)  # fmt: skip
+        for token in steps:
+            new_tokens.append(token)
+            if eos_id is not None and int(token) == eos_id:
                 break
-        return tokens
+        return torch.cat((prompt, *new_tokens), dim=1)

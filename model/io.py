@@ -20,6 +20,7 @@ from model.gpt import GPT
 from model.writeback import SequentialFile
 
 WEIGHTS_FORMAT = "fedpt-model/1"
+TRAIN_SEQ_LEN_KEY = "train_seq_len"
 
 
 class CheckpointError(ValueError):
@@ -130,7 +131,7 @@ def map_float32_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     import numpy as np
 
     path = Path(path)
-    header = _raw_header(path)
+    header = _rawweights_header(path)
     start = 8 + int.from_bytes(path.open("rb").read(8), "little")
     mapped = np.memmap(path, dtype=np.uint8, mode="c")
     out = {}
@@ -146,7 +147,7 @@ def map_float32_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _raw_header(path: Path) -> dict:
+def _rawweights_header(path: Path) -> dict:
     try:
         with path.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
@@ -163,17 +164,28 @@ def model_state(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def weights_metadata(config: ModelConfig, tokenizer_spec: dict | None) -> dict[str, str]:
-    """The header that makes a weights file self-describing."""
+def weights_metadata(config: ModelConfig, tokenizer_spec: dict | None,
+                     seq_len: int | None = None) -> dict[str, str]:  # fmt: skip
+    """The header that makes a weights file self-describing; `seq_len`: the window length the
+    model was trained with (what `fedpt eval` scores with by default)."""
     return {
         "format": WEIGHTS_FORMAT,
         "model_config": json.dumps(config.to_dict(), sort_keys=True),
         "tokenizer": json.dumps(tokenizer_spec or {}, sort_keys=True),
+        **({TRAIN_SEQ_LEN_KEY: str(seq_len)} if seq_len else {}),
     }
 
 
-def save_model(model: GPT, path: str | Path, *, tokenizer_spec: dict | None = None) -> None:
-    save_tensors_atomic(model_state(model), path, weights_metadata(model.config, tokenizer_spec))
+def save_model(model: GPT, path: str | Path, *, tokenizer_spec: dict | None = None,
+               seq_len: int | None = None) -> None:  # fmt: skip
+    save_tensors_atomic(model_state(model), path,
+                        weights_metadata(model.config, tokenizer_spec, seq_len))  # fmt: skip
+
+
+def train_seq_len(path: str | Path) -> int | None:
+    """The training window length a weights file (fedpt's or a global checkpoint) records."""
+    raw = weights_header(path).get(TRAIN_SEQ_LEN_KEY, "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None
 
 
 def load_weights_into(
@@ -200,7 +212,7 @@ def read_metadata(path: str | Path) -> tuple[ModelConfig, dict]:
     """The model config and tokenizer spec stored in a weights file's header."""
     if not Path(path).is_file():
         raise CheckpointError(f"no weights file at {path}")
-    metadata = _header(path)
+    metadata = weights_header(path)
     if metadata.get("format") != WEIGHTS_FORMAT:
         raise CheckpointError(
             f"{path} is not a fedpt weights file (format {metadata.get('format')!r})"
@@ -213,7 +225,8 @@ def read_metadata(path: str | Path) -> tuple[ModelConfig, dict]:
     return config, tokenizer_spec
 
 
-def _header(path: str | Path) -> dict[str, str]:
+def weights_header(path: str | Path) -> dict[str, str]:
+    """A safetensors file's string metadata (its format, model config, ...)."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return f.metadata() or {}

@@ -31,6 +31,7 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def spec(self) -> dict: ...
+    def byte_lengths(self) -> list[int]: ...
 
 
 class ByteTokenizer:
@@ -51,6 +52,10 @@ class ByteTokenizer:
 
     def spec(self) -> dict:
         return {"kind": "byte", "vocab_size": self.vocab_size}
+
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes of text each id stands for (0 for the special tokens): bits per byte."""
+        return [1] * 256 + [0] * len(SPECIAL_TOKENS)
 
 
 class BPETokenizer:
@@ -96,6 +101,22 @@ class BPETokenizer:
 
     def spec(self) -> dict:
         return {"kind": "bpe", "sha256": self.sha256, "vocab_size": self.vocab_size}
+
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes of text each id stands for (0 for the special tokens): bits per byte. A
+        byte-level BPE writes one character per byte, so a token's length is its string's."""
+        special = {self._tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        byte_level = "ByteLevel" in json.dumps(json.loads(self._tok.to_str()).get("pre_tokenizer"))
+        lengths = []
+        for i in range(self.vocab_size):
+            token = self._tok.id_to_token(i)
+            if i in special or token is None:
+                lengths.append(0)
+            elif byte_level:
+                lengths.append(len(token))
+            else:
+                lengths.append(len(self._tok.decode([i]).encode("utf-8")))
+        return lengths
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, out_path: str | Path) -> BPETokenizer:

@@ -13,6 +13,7 @@ from model.config import dataclass_from_dict
 
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL_MODES = ("ddp", "fsdp")
+SCHEDULES = ("cosine", "wsd", "constant")  # node/schedule.py: lr_at
 
 
 class TrainConfigError(ValueError):
@@ -26,8 +27,12 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int = 128
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine and wsd decay to lr * min_lr_ratio
+    warmup_steps: int = 20  # linear warm-up from 0 (also the re-warm of `fedpt train --init-from`)
+    # After the warm-up: cosine to lr * min_lr_ratio at `steps` | wsd (warmup-stable-decay: hold
+    # lr, then decay linearly over the last decay_fraction of the steps) | constant (hold lr).
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2  # wsd: the share of `steps` spent decaying
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -69,6 +74,10 @@ class TrainConfig:
             raise TrainConfigError(f"lr must be a positive number, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TrainConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.schedule not in SCHEDULES:
+            raise TrainConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not (math.isfinite(self.decay_fraction) and 0 < self.decay_fraction <= 1):
+            raise TrainConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.precision not in PRECISIONS:
             raise TrainConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.parallel not in PARALLEL_MODES:

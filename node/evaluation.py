@@ -1,6 +1,9 @@
-"""Validation loss: the mean next-token cross-entropy over the first windows of a split."""
+"""Validation loss: the mean next-token cross-entropy over the first windows of a split; and
+bits per byte, the same loss per byte of text, which compares across tokenizers."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -41,3 +44,21 @@ def mean_loss(
     if env.distributed:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return float(total) / (per_rank * env.world_size)
+
+
+def bits_per_byte(loss: float, data: TokenShards, *, seq_len: int, windows: int,
+                  byte_lengths: list[int]) -> float | None:  # fmt: skip
+    """`loss` (nats per token, the mean over the first `windows` windows) as bits per UTF-8
+    byte of the text those windows predict; None when they predict no text."""
+    lengths = np.asarray(byte_lengths, dtype=np.int64)
+    tokens = scored = 0
+    for start in range(0, windows, 256):
+        _, y = get_batch(data, np.arange(start, min(start + 256, windows)), seq_len)
+        tokens += y.numel()
+        scored += int(lengths[y.numpy().clip(0, len(lengths) - 1)].sum())
+    return loss * tokens / (scored * math.log(2)) if scored else None
+
+
+def scored_windows(data: TokenShards, seq_len: int, batch_size: int, max_batches: int) -> int:
+    """How many windows mean_loss scores on one rank."""
+    return min(data.num_windows(seq_len), max_batches * batch_size)

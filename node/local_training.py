@@ -7,6 +7,10 @@ A run folder (`--out`) holds:
   checkpoints/        resumable checkpoints (step_XXXXXXXX/) and `latest`
   model.safetensors   the final weights (self-describing: config + tokenizer in the header)
   tokenizer.json      a copy of the BPE tokenizer, when one is used
+
+A run can start from an existing model instead of random weights (`--init-from`, continual
+pretraining): its weights, shape and tokenizer come from that model (load_initial_weights),
+the optimizer starts fresh and the learning-rate schedule starts at step 0 (a re-warm).
 """
 
 from __future__ import annotations
@@ -16,18 +20,26 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from model.config import ModelConfig
-from model.io import CheckpointError, load_model, save_tensors_atomic, weights_metadata
-from model.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from model.gpt import GPT
+from model.io import (
+    CheckpointError,
+    load_weights_into,
+    save_tensors_atomic,
+    weights_metadata,
+)
+from model.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
 from model.train_config import TrainConfig
 from node.checkpoint import full_model_state, latest_checkpoint
 from node.corpus import DataError
-from node.evaluation import mean_loss
+from node.evaluation import bits_per_byte, mean_loss, scored_windows
+from node.model_source import ModelSource, locate
 from node.parallel import DistEnv, barrier, check_same_everywhere, decided_by_main
 from node.shards import TokenShards, prepare_data, read_manifest
 from node.trainer import Trainer, TrainingError
@@ -70,28 +82,83 @@ def load_splits(
     return train, val
 
 
+def load_initial_weights(path: str | Path) -> ModelSource:
+    """The model `fedpt train --init-from PATH` starts from: anything `--checkpoint` names
+    (node/model_source.py: a fedpt weights file or run, a node's work dir, an aggregator's
+    global checkpoint, a transformers Llama folder). Its weights are read only when asked for
+    (a check needs only the header)."""
+    found = locate(path)
+    found.tokenizer_spec = found.tokenizer_spec or ByteTokenizer().spec()  # as eval reads it
+    return found
+
+
+def initial_tokenizer(
+    init: ModelSource, tokenizer_path: str | None
+) -> tuple[Tokenizer, str | None]:
+    """The tokenizer `init` was trained with, and its JSON file for a BPE (`tokenizer_path`, else
+    the one beside the weights or in their run folder); any other tokenizer is refused."""
+    spec = init.tokenizer_spec
+    if spec.get("kind") == "byte":
+        if tokenizer_path:
+            raise TokenizerError(
+                f"--init-from {init.description} was trained with the byte tokenizer, not "
+                f"{tokenizer_path}: leave out --tokenizer"
+            )
+        return ByteTokenizer(), None
+    if tokenizer_path is None and spec.get("kind") == "bpe":
+        candidates = [d / TOKENIZER_NAME for d in init.tokenizer_dirs]
+        tokenizer_path = next((str(c) for c in candidates if c.is_file()), None)
+        if tokenizer_path is None:
+            raise TokenizerError(
+                f"--init-from {init.description} was trained with a BPE tokenizer (sha256 "
+                f"{spec.get('sha256', '?')[:12]}…): pass --tokenizer with its JSON file"
+            )
+    try:
+        tokenizer = load_tokenizer(spec, tokenizer_path)  # refuses a different sha256
+    except TokenizerError as e:
+        raise TokenizerError(f"--init-from {init.description} needs its own tokenizer: {e}") from e
+    if tokenizer.vocab_size > init.config.vocab_size:
+        raise TokenizerError(
+            f"the tokenizer's vocabulary is larger than {init.description}'s model"
+        )
+    return tokenizer, tokenizer_path
+
+
 def run_training(
     *,
     data: str,
-    model_config: ModelConfig,
+    model_config: ModelConfig | None,
     train_config: TrainConfig,
     out_dir: Path,
     tokenizer_path: str | None = None,
     resume: bool = False,
+    init_from: str | Path | None = None,
     env: DistEnv | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train from scratch (or resume) and leave a run folder; returns the summary."""
+    """Train from scratch (or resume, or from the model at `init_from`: then `model_config`
+    must be None, as the model's shape is that model's) and leave a run folder; returns the
+    summary."""
     env = env or DistEnv()
     log = log if env.is_main else (lambda _msg: None)
+    if init_from is not None and (resume or model_config is not None):
+        raise TrainingError("--init-from starts a new run: not with --resume or a model config")
+    if init_from is None and model_config is None:
+        raise TrainingError("a new run needs a model config or a model to start from")
     # Rank 0's --out holds the run (the other hosts' may be empty): it alone decides.
     has_run = decided_by_main(
         lambda: (out_dir / "checkpoints").is_dir() or (out_dir / WEIGHTS_NAME).exists(), env
     )
     if has_run and not resume:
         raise TrainingError(f"{out_dir} already holds a run; pass --resume or choose another --out")
-    tokenizer = open_tokenizer(tokenizer_path)
-    model_config = model_config.with_vocab(tokenizer.vocab_size)
+    init = load_initial_weights(init_from) if init_from is not None else None
+    if init is not None:
+        tokenizer, tokenizer_path = initial_tokenizer(init, tokenizer_path)
+        model_config = init.config
+    else:
+        tokenizer = open_tokenizer(tokenizer_path)
+        model_config = model_config.with_vocab(tokenizer.vocab_size)
+    # RoPE holds no weights: a longer seq_len only needs longer tables.
     if train_config.seq_len > model_config.max_seq_len:
         model_config = dataclasses.replace(model_config, max_seq_len=train_config.seq_len)
     settings = {"model": model_config.to_dict(), "train": train_config.to_dict(),
@@ -111,9 +178,13 @@ def run_training(
     try:
         if env.is_main:
             _write_run_info(
-                out_dir, data, model_config, train_config, tokenizer, tokenizer_path, env
-            )
+                out_dir, data, model_config, train_config, tokenizer, tokenizer_path, env,
+                init_from=(init.weights or init.hf_folder) if init is not None else None,
+            )  # fmt: skip
         barrier(env)
+        if init is not None:  # every rank reads the file: it must be on every host
+            trainer.load_weights(init.state(), f"--init-from {init.description}")
+            log(f"initial weights from {init.description}; fresh optimizer, schedule from step 0")
         if resume and (found := trainer.latest_checkpoint()) is not None:
             trainer.load_checkpoint(found)
         elif resume:
@@ -138,7 +209,7 @@ def run_training(
             else None,
         }
         if env.is_main:
-            metadata = weights_metadata(model_config, tokenizer.spec())
+            metadata = weights_metadata(model_config, tokenizer.spec(), train_config.seq_len)
             save_tensors_atomic(weights, out_dir / WEIGHTS_NAME, metadata)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             log(f"done: weights in {out_dir / WEIGHTS_NAME}")
@@ -155,6 +226,7 @@ def _write_run_info(
     tokenizer: Tokenizer,
     tokenizer_path: str | None,
     env: DistEnv,
+    init_from: Path | None = None,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_path:
@@ -166,6 +238,8 @@ def _write_run_info(
         "tokenizer": tokenizer.spec(),
         "world_size": env.world_size,
     }
+    if init_from is not None:
+        info["init_from"] = str(init_from.resolve())
     (out_dir / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
@@ -186,22 +260,32 @@ def resolve_weights(checkpoint: str | Path) -> Path:
 def load_for_inference(
     checkpoint: str | Path, tokenizer_path: str | None, device: torch.device
 ) -> tuple[torch.nn.Module, Tokenizer]:
-    """The model and its tokenizer; a BPE tokenizer is looked up beside the weights and in
-    the run folder unless given, and always checked against the hash the weights recorded."""
-    weights = resolve_weights(checkpoint)
-    model, spec = load_model(weights, device)
+    """The model and its tokenizer (open_model without the description)."""
+    model, tokenizer, _ = open_model(checkpoint, tokenizer_path, device)
+    return model, tokenizer
+
+
+def open_model(
+    checkpoint: str | Path, tokenizer_path: str | None, device: torch.device
+) -> tuple[GPT, Tokenizer, ModelSource]:
+    """The model `checkpoint` names (node/model_source.py), its tokenizer and where it came
+    from. A BPE tokenizer is looked up beside the weights and in the run folder unless given,
+    and always checked against the hash the weights recorded."""
+    source = locate(checkpoint)
+    spec = source.tokenizer_spec
     if spec.get("kind") == "bpe" and tokenizer_path is None:
-        candidates = [
-            weights.parent / TOKENIZER_NAME,
-            weights.parent.parent.parent / TOKENIZER_NAME,
-        ]
+        candidates = [d / TOKENIZER_NAME for d in source.tokenizer_dirs]
         tokenizer_path = next((str(c) for c in candidates if c.is_file()), None)
         if tokenizer_path is None:
-            raise CheckpointError(f"{weights} needs its BPE tokenizer: pass --tokenizer PATH")
+            raise CheckpointError(
+                f"{source.description} needs its BPE tokenizer: pass --tokenizer PATH"
+            )
     tokenizer = load_tokenizer(spec or ByteTokenizer().spec(), tokenizer_path)
-    if tokenizer.vocab_size > model.config.vocab_size:
+    if tokenizer.vocab_size > source.config.vocab_size:
         raise CheckpointError("the tokenizer's vocabulary is larger than the model's")
-    return model, tokenizer
+    model = GPT(source.config)
+    load_weights_into(model, source.state(), source=source.description)
+    return model.to(device).eval(), tokenizer, source
 
 
 def run_eval(
@@ -217,8 +301,14 @@ def run_eval(
 ) -> dict:
     """Perplexity of a checkpoint on a corpus (its validation split by default)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_for_inference(checkpoint, tokenizer_path, device)
-    seq_len = seq_len or min(model.config.max_seq_len, 256)
+    model, tokenizer, source = open_model(checkpoint, tokenizer_path, device)
+    log(f"scoring {source.description}")
+    if seq_len is None and source.seq_len:
+        seq_len = min(source.seq_len, model.config.max_seq_len)
+        log(f"windows of {seq_len} tokens, the length it was trained with")
+    elif seq_len is None:
+        seq_len = min(model.config.max_seq_len, 256)
+        log(f"windows of {seq_len} tokens (the model records no training length: pass --seq-len)")
     if seq_len > model.config.max_seq_len:
         raise TrainingError(
             f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}"
@@ -237,8 +327,13 @@ def run_eval(
     )
     if loss is None:
         raise DataError(f"the {split} split of {data} has fewer than {seq_len + 1} tokens")
-    result = {"loss": loss, "perplexity": math.exp(loss), "seq_len": seq_len, "split": split}
-    log(f"{split} loss {loss:.4f} | perplexity {math.exp(loss):.2f}")
+    windows = scored_windows(shards, seq_len, batch_size, max_batches)
+    bpb = bits_per_byte(loss, shards, seq_len=seq_len, windows=windows,
+                        byte_lengths=tokenizer.byte_lengths())  # fmt: skip
+    result = {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": bpb,
+              "seq_len": seq_len, "split": split, "model": source.description}  # fmt: skip
+    bpb_text = "n/a" if bpb is None else f"{bpb:.4f}"
+    log(f"{split} loss {loss:.4f} | perplexity {math.exp(loss):.2f} | bits/byte {bpb_text}")
     return result
 
 
@@ -250,19 +345,29 @@ def run_generate(
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_k: int | None = 50,
+    top_p: float = 1.0,
+    stop: str | None = None,
     seed: int = 0,
+    use_cache: bool = True,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> str:
+    """The prompt and a sampled continuation (model/generation.py), cut before `stop`. Which
+    model it is goes to `log` (stderr: stdout holds the text alone)."""
+    from model.generation import generate_text
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_for_inference(checkpoint, tokenizer_path, device)
-    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]  # an empty prompt starts a new document
-    prompt_tensor = torch.tensor([ids], dtype=torch.long, device=device)
+    model, tokenizer, source = open_model(checkpoint, tokenizer_path, device)
+    log(f"generating with {source.description}")
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(
-        prompt_tensor,
+    return generate_text(
+        model,
+        tokenizer,
+        prompt,
         max_new_tokens,
         temperature=temperature,
         top_k=top_k,
-        eos_id=tokenizer.eos_id,
+        top_p=top_p,
+        stop=stop,
         generator=generator,
+        use_cache=use_cache,
     )
-    return tokenizer.decode(out[0].tolist())

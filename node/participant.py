@@ -577,7 +577,8 @@ class Participant:
         final_dir = self.work_dir / "final"
         model = GPT(trainer.model_config)
         load_weights_into(model, weights, source=f"global model v{version}")
-        save_model(model, final_dir / "global.safetensors", tokenizer_spec=trainer.tokenizer_spec)
+        save_model(model, final_dir / "global.safetensors", tokenizer_spec=trainer.tokenizer_spec,
+                   seq_len=trainer.cfg.seq_len)  # fmt: skip
         one = DistEnv(device=self.env.device)
         report: dict = {"federation": self.federation_id, "version": version,
                         "organisation": self.cfg.organisation_name}  # fmt: skip
@@ -590,7 +591,7 @@ class Participant:
             result = personalise(model, trainer.train_data, trainer.val_data, trainer.cfg, pcfg,
                                  start_step=version * spec.inner_steps, inner_state=kept, env=one)  # fmt: skip
             save_model(result.model, final_dir / "personalised.safetensors",
-                       tokenizer_spec=trainer.tokenizer_spec)  # fmt: skip
+                       tokenizer_spec=trainer.tokenizer_spec, seq_len=trainer.cfg.seq_len)  # fmt: skip
             report["global_val_loss"] = result.global_val_loss
             report["personalised"] = result.report()
             self.log(f"final model v{version}: val loss {loss_text(result.global_val_loss)}; "

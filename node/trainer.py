@@ -63,7 +63,11 @@ RESUME_MUST_MATCH = (
     "seed",
     "precision",
     "steps",
+    "schedule",
+    "decay_fraction",
 )
+# What a checkpoint written before a setting existed trained with.
+RESUME_DEFAULTS = {"schedule": "cosine", "decay_fraction": 0.2}
 
 
 def add_proximal_gradient_(
@@ -297,7 +301,7 @@ class Trainer:
     def save_checkpoint(self, extra: dict | None = None) -> Path:
         """A resumable checkpoint; `extra` (JSON) is kept in its state (node.checkpoint.read_state)."""
         directory = self.checkpoint_root() / f"step_{self.step:08d}"
-        metadata = weights_metadata(self.model_config, self.tokenizer_spec)
+        metadata = weights_metadata(self.model_config, self.tokenizer_spec, self.cfg.seq_len)
         state = {
             "extra": extra or {},
             "step": self.step,
@@ -345,7 +349,7 @@ class Trainer:
             raise TrainingError(f"checkpoint {directory} was made for another model config")
         if state["tokenizer"] != self.tokenizer_spec:
             raise TrainingError(f"checkpoint {directory} was made with another tokenizer")
-        saved = state["train_config"]
+        saved = {**RESUME_DEFAULTS, **state["train_config"]}
         changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(self.cfg, k)]
         if changed or state["world_size"] * self.cfg.micro_batch_size * self.cfg.grad_accum != (
             self.global_batch_sequences
@@ -365,16 +369,21 @@ class Trainer:
     # ---- federated rounds ---------------------------------------------------------------------
     def load_global(self, weights: dict[str, torch.Tensor]) -> None:
         """Overwrite the weights with the global model (a full state dict, on every rank)."""
+        self.load_weights(weights, "global model")
+        if self.cfg.proximal_mu > 0:  # sharded like the parameters under FSDP
+            self._anchor = [p.detach().clone() for p in self.model.parameters()]
+
+    def load_weights(self, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
+        """Overwrite the weights (a full state dict, on every rank); the optimizer and the step
+        are left as they are."""
         options = StateDictOptions(full_state_dict=True, strict=False)
         # A copy: set_model_state_dict adds the tied output weight to the dict it is given.
         missing, unexpected = set_model_state_dict(self.module, dict(weights), options=options)
         missing = [m for m in missing if m != "output.weight"]  # tied to the embedding
         if missing or unexpected:
             raise TrainingError(
-                f"global model does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                f"{source} does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-        if self.cfg.proximal_mu > 0:  # sharded like the parameters under FSDP
-            self._anchor = [p.detach().clone() for p in self.model.parameters()]
 
     def full_weights(self) -> dict[str, torch.Tensor]:
         """The local model's full weights on the CPU (collective under FSDP)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -107,6 +108,86 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
     assert lr_at(110, cfg) == pytest.approx(0.1)
     assert lr_at(500, cfg) == pytest.approx(0.1)
+
+
+def test_cosine_is_the_default_schedule_and_its_numbers_are_unchanged() -> None:
+    cfg = TrainConfig(steps=110, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert cfg.schedule == "cosine" and cfg.decay_fraction == 0.2
+    # The numbers lr_at gave before schedules were configurable (exact, not approximately).
+    before = [1.0 * (s + 1) / 10 if s < 10 else
+              0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - 10) / 100)))
+              for s in range(0, 130)]  # fmt: skip
+    assert [lr_at(s, cfg) for s in range(130)] == before
+
+
+def test_wsd_warms_up_holds_then_decays_linearly_over_the_last_fraction() -> None:
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="wsd",
+                      decay_fraction=0.2)  # fmt: skip
+    assert lr_at(0, cfg) == pytest.approx(0.1)  # first step of the warm-up
+    assert lr_at(9, cfg) == pytest.approx(1.0)  # end of the warm-up
+    assert lr_at(10, cfg) == lr_at(50, cfg) == lr_at(79, cfg) == 1.0  # stable
+    assert lr_at(80, cfg) == pytest.approx(1.0)  # start of the decay: the last 20 of 100 steps
+    assert lr_at(81, cfg) == pytest.approx(1.0 - 0.9 / 20)
+    assert lr_at(90, cfg) == pytest.approx(0.55)  # half way down, linearly
+    assert lr_at(100, cfg) == pytest.approx(0.1)  # end of the decay: lr * min_lr_ratio
+    assert lr_at(500, cfg) == pytest.approx(0.1)
+    # A decay longer than what follows the warm-up starts when the warm-up ends.
+    long = TrainConfig(steps=100, lr=1.0, warmup_steps=50, schedule="wsd", decay_fraction=0.9)
+    assert lr_at(49, long) == pytest.approx(1.0) and lr_at(50, long) == pytest.approx(1.0)
+    assert lr_at(75, long) == pytest.approx(0.55) and lr_at(100, long) == pytest.approx(0.1)
+
+
+def test_constant_warms_up_then_holds_the_peak() -> None:
+    cfg = TrainConfig(steps=100, lr=0.5, warmup_steps=4, min_lr_ratio=0.1, schedule="constant")
+    assert lr_at(0, cfg) == pytest.approx(0.125)
+    assert lr_at(3, cfg) == pytest.approx(0.5)
+    assert {lr_at(s, cfg) for s in range(4, 200)} == {0.5}  # min_lr_ratio plays no part
+    no_warmup = TrainConfig(steps=10, lr=0.3, warmup_steps=0, schedule="constant")
+    assert lr_at(0, no_warmup) == 0.3 and lr_at(9, no_warmup) == 0.3
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"schedule": "linear"}, "schedule must be one of ('cosine', 'wsd', 'constant'), got 'linear'"),
+        ({"decay_fraction": 0.0}, "decay_fraction must be in (0, 1], got 0.0"),
+        ({"decay_fraction": 1.5}, "decay_fraction must be in (0, 1], got 1.5"),
+        ({"decay_fraction": math.nan}, "decay_fraction must be in (0, 1], got nan"),
+    ],
+)  # fmt: skip
+def test_bad_schedule_settings_are_refused(bad: dict, message: str) -> None:
+    with pytest.raises(TrainConfigError) as e:
+        TrainConfig(**bad)
+    assert str(e.value) == message
+    with pytest.raises(TrainConfigError, match="'schedule' must be str"):
+        TrainConfig.from_dict({"schedule": 1})
+
+
+def test_a_checkpoint_resumes_only_under_the_same_schedule(shards, tmp_path: Path) -> None:
+    train, _ = shards
+    first = make_trainer(train, tmp_path, steps=6, schedule="wsd")
+    first.train(2)
+    checkpoint = first.save_checkpoint()
+    first.close()
+    for changed in ({"schedule": "cosine"}, {"schedule": "wsd", "decay_fraction": 0.5}):
+        with pytest.raises(TrainingError, match="changed settings"):
+            make_trainer(train, tmp_path, steps=6, **changed).load_checkpoint(checkpoint)
+    make_trainer(train, tmp_path, steps=6, schedule="wsd").load_checkpoint(checkpoint)
+
+
+def test_a_checkpoint_from_before_schedules_resumes_as_cosine(shards, tmp_path: Path) -> None:
+    train, _ = shards
+    first = make_trainer(train, tmp_path, steps=6)
+    first.train(2)
+    checkpoint = first.save_checkpoint()
+    first.close()
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    for key in ("schedule", "decay_fraction"):  # what a checkpoint of an older fedpt lacks
+        del state["train_config"][key]
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    make_trainer(train, tmp_path, steps=6).load_checkpoint(checkpoint)
+    with pytest.raises(TrainingError, match=r"changed settings \['schedule'\]"):
+        make_trainer(train, tmp_path, steps=6, schedule="wsd").load_checkpoint(checkpoint)
 
 
 def test_diverged_loss_is_a_clear_error(shards) -> None:
