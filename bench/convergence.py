@@ -75,7 +75,7 @@ from model.io import load_model, load_weights_into
 from model.tokenizer import ByteTokenizer
 from model.train_config import TrainConfig
 from node.builtin_corpus import list_organisations
-from node.evaluation import mean_loss
+from node.evaluation import bits_per_byte, mean_loss, scored_windows
 from node.local_training import cache_dir
 from node.parallel import DistEnv
 from node.shards import TokenShards, prepare_data
@@ -92,9 +92,14 @@ class Contender:
     seconds: float
     model: torch.nn.Module
     losses: dict[str, float] = field(default_factory=dict)  # organisation -> held-out loss
+    bpb: dict[str, float] = field(default_factory=dict)  # organisation -> held-out bits per byte
 
     def mean_loss(self, orgs: list[str]) -> float:
         return sum(self.losses[o] for o in orgs) / len(orgs)
+
+    def mean_bpb(self, orgs: list[str]) -> str:
+        """Mean bits per byte over `orgs`, as table text (comparable across tokenizers)."""
+        return f"{sum(self.bpb[o] for o in orgs) / len(orgs):.4f}"
 
 
 def federation_orgs(nodes: int) -> list[str]:
@@ -134,17 +139,18 @@ def held_out_sets(orgs: list[str], cache: Path) -> dict[str, TokenShards]:
     }
 
 
-def score(
-    model: torch.nn.Module, val: dict[str, TokenShards], batches: int, batch_size: int
-) -> dict[str, float]:
-    losses = {}
+def score(contender: Contender, val: dict[str, TokenShards], batches: int, batch_size: int) -> None:
+    """The contender's held-out loss and bits per byte on every organisation."""
+    lengths = ByteTokenizer().byte_lengths()
     for org, data in val.items():
-        loss = mean_loss(model, data, seq_len=EVAL_SEQ_LEN, batch_size=batch_size,
+        loss = mean_loss(contender.model, data, seq_len=EVAL_SEQ_LEN, batch_size=batch_size,
                          max_batches=batches, env=DistEnv())  # fmt: skip
         if loss is None:
             raise SystemExit(f"the validation split of {org} has no {EVAL_SEQ_LEN}-token window")
-        losses[org] = loss
-    return losses
+        contender.losses[org] = loss
+        windows = scored_windows(data, EVAL_SEQ_LEN, batch_size, batches)
+        contender.bpb[org] = bits_per_byte(loss, data, seq_len=EVAL_SEQ_LEN, windows=windows,
+                                           byte_lengths=lengths)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -300,7 +306,7 @@ def compare_encodings(args: argparse.Namespace) -> None:
                                 timeout=args.timeout, ok_codes=(0, 1))  # fmt: skip
             model, _, _, _, committed = federated_model(run)
             contender = Contender(entry, "", 0, seconds, model)
-            contender.losses = score(model, val, args.eval_batches, args.eval_batch_size)
+            score(contender, val, args.eval_batches, args.eval_batch_size)
             losses[entry] = contender.mean_loss(orgs)
             rows.append((entry, delta, download or "fp32", committed, seconds, contender))
     reference = entries[0]
@@ -312,9 +318,9 @@ def compare_encodings(args: argparse.Namespace) -> None:
         ratio = math.exp(losses[entry] - losses[reference])
         table.append([delta, download, str(committed), f"{seconds:.1f}",
                       *[f"{math.exp(c.losses[o]):.3f}" for o in orgs], f"{math.exp(losses[entry]):.4f}",
-                      f"{ratio:.4f}", f"{100 * (ratio - 1):+.2f}%"])  # fmt: skip
+                      c.mean_bpb(orgs), f"{ratio:.4f}", f"{100 * (ratio - 1):+.2f}%"])  # fmt: skip
     print_table(["upload", "download", "rounds", "wall s", *[f"ppl {o}" for o in orgs], "mean ppl",
-                 f"/ {reference}", "diff"], table)  # fmt: skip
+                 "mean bits/byte", f"/ {reference}", "diff"], table)  # fmt: skip
 
 
 SWEEP_KEYS = ("nodes", "outer", "lr", "mu", "h", "inner", "encoding", "prox")
@@ -388,13 +394,12 @@ def sweep(args: argparse.Namespace) -> None:
             feds = []
             for i, st in enumerate(s for s in settings if s.nodes == nodes):
                 fed = run_federated(args, root, f"n{nodes}-{i}", cache, st)
-                fed.contender.losses = score(fed.contender.model, val, args.eval_batches,
-                                             args.eval_batch_size)  # fmt: skip
+                score(fed.contender, val, args.eval_batches, args.eval_batch_size)
                 feds.append(fed)
             refs = {c.name: c for c in reference_runs(args, root / f"n{nodes}-refs", cache, orgs,
                                                        feds[0], steps_alone, bigbatch=True)}  # fmt: skip
             for c in refs.values():
-                c.losses = score(c.model, val, args.eval_batches, args.eval_batch_size)
+                score(c, val, args.eval_batches, args.eval_batch_size)
             dp, pooled = refs[f"central-{nodes}xbatch"], refs["centralized"]
             for fed in feds:
                 c = fed.contender
@@ -404,13 +409,14 @@ def sweep(args: argparse.Namespace) -> None:
                     for o in orgs
                 ) if nodes > 1 else 0  # fmt: skip
                 report.append([str(nodes), c.trained_on, f"{math.exp(c.mean_loss(orgs)):.3f}",
-                               f"{math.exp(c.mean_loss(orgs) - dp.mean_loss(orgs)):.3f}",
+                               c.mean_bpb(orgs), f"{math.exp(c.mean_loss(orgs) - dp.mean_loss(orgs)):.3f}",
                                f"{math.exp(c.mean_loss(orgs) - pooled.mean_loss(orgs)):.3f}",
                                f"{own}/{nodes}", f"{others}/{nodes}", f"{c.seconds:.0f}"])  # fmt: skip
             for name in ("centralized", f"central-{nodes}xbatch", *[f"alone:{o}" for o in orgs]):
                 r = refs[name]
                 report.append([str(nodes), f"({name}: {r.trained_on})",
-                               f"{math.exp(r.mean_loss(orgs)):.3f}", "", "", "", "", f"{r.seconds:.0f}"])  # fmt: skip
+                               f"{math.exp(r.mean_loss(orgs)):.3f}", r.mean_bpb(orgs), "", "", "", "",
+                               f"{r.seconds:.0f}"])  # fmt: skip
     print()
     print(f"preset {args.preset}, {steps_alone} inner steps per node (R x H), seed {args.seed}; "
           "held-out perplexity on every organisation's validation split (mean = exp(mean loss))")  # fmt: skip
@@ -418,8 +424,8 @@ def sweep(args: argparse.Namespace) -> None:
           "steps); fed/pooled: / one model on the pooled data with N x the steps; own (others): "
           "organisations whose own (the other organisations') held-out data the federation "
           "models better than that organisation's model trained alone")  # fmt: skip
-    print_table(["nodes", "setting", "mean ppl", "fed/DP", "fed/pooled", "own wins",
-                 "others wins", "wall s"], report)  # fmt: skip
+    print_table(["nodes", "setting", "mean ppl", "mean bits/byte", "fed/DP", "fed/pooled",
+                 "own wins", "others wins", "wall s"], report)  # fmt: skip
     print(f"bench total {time.perf_counter() - started:.0f} s")
 
 
@@ -502,7 +508,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         for c in contenders:
-            c.losses = score(c.model, val, args.eval_batches, args.eval_batch_size)
+            score(c, val, args.eval_batches, args.eval_batch_size)
         eval_seconds = time.perf_counter() - t0
         windows = {o: min(v.num_windows(EVAL_SEQ_LEN), args.eval_batches * args.eval_batch_size)
                    for o, v in val.items()}  # fmt: skip
@@ -521,11 +527,13 @@ def main() -> None:
           + ", ".join(f"{o} {n} windows" for o, n in windows.items())
           + f" of {EVAL_SEQ_LEN} tokens; ppl = exp(mean loss); mean = exp(mean of the per-org losses)")  # fmt: skip
     print()
-    header = ["model", "trained on", "tokens", "wall s", *[f"ppl {o}" for o in orgs], "mean ppl"]
+    header = ["model", "trained on", "tokens", "wall s", *[f"ppl {o}" for o in orgs], "mean ppl",
+              "mean bits/byte"]  # fmt: skip
     rows = []
     for c in contenders:
         rows.append([c.name, c.trained_on, f"{c.tokens:,}", f"{c.seconds:.1f}",
-                     *[f"{math.exp(c.losses[o]):.3f}" for o in orgs], f"{math.exp(c.mean_loss(orgs)):.3f}"])  # fmt: skip
+                     *[f"{math.exp(c.losses[o]):.3f}" for o in orgs], f"{math.exp(c.mean_loss(orgs)):.3f}",
+                     c.mean_bpb(orgs)])  # fmt: skip
     print_table(header, rows)
 
     by_name = {c.name: c for c in contenders}

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from bench.convergence import federation_orgs, held_out_sets, score
+from bench.convergence import Contender, federation_orgs, held_out_sets, score
 from model.config import preset
 from model.gpt import GPT
 from model.tokenizer import ByteTokenizer
@@ -115,10 +115,11 @@ def main() -> None:
             if args.steps % h:
                 raise SystemExit(f"{run!r}: H must divide --steps {args.steps}")
             model = federated(trainers, args.steps, h, lr)
-        losses = score(model.eval(), val, args.eval_batches, 8)
-        results[run] = sum(losses.values()) / len(losses)
-        print(f"{run:>12}  mean ppl {math.exp(results[run]):.3f}  "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+        scored = Contender(run, "", 0, 0.0, model.eval())
+        score(scored, val, args.eval_batches, 8)
+        results[run] = scored.mean_loss(list(val))
+        print(f"{run:>12}  mean ppl {math.exp(results[run]):.3f}  mean bits/byte "
+              f"{scored.mean_bpb(list(val))}  ({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     if "dp" in results:
         print()
         for run, loss in results.items():

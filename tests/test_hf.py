@@ -209,6 +209,22 @@ def test_a_federation_round_starts_from_a_llama_written_by_transformers(tmp_path
         running.stop(grace=0)
 
 
+@pytest.mark.slow
+def test_fedpt_train_continues_a_llama_written_by_transformers(
+    corpus_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "llama"
+    weights = transformers_llama(folder)
+    proc = fedpt("train", "--data", corpus_dir, "--out", tmp_path / "run", "--init-from", folder,
+                 "--steps", "2", "--seq-len", "32", "--micro-batch-size", "2", "--eval-batches", "2")  # fmt: skip
+    assert f"initial weights from transformers folder {folder}" in proc.stdout
+    trained, _ = load_tensors(tmp_path / "run" / "model.safetensors")
+    before = weights["model.layers.0.mlp.down_proj.weight"]
+    after = trained["layers.0.feed_forward.w2.weight"]
+    assert after.shape == before.shape and not torch.equal(after, before)
+    assert (after - before).abs().max() < 0.01  # two small steps on from it, not from scratch
+
+
 def test_what_fedpt_cannot_express_is_refused_with_one_line(tmp_path: Path) -> None:
     folder = tmp_path / "llama"
     transformers_llama(folder, attention_bias=True)
