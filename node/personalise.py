@@ -15,8 +15,8 @@ organisation's own shards make it that organisation's model (FedAvg + fine-tunin
          merged into W, so the result is an ordinary weights file (`fedpt eval`, `generate`).
 
 The learning rate warms up over the first tenth of the steps to its peak (by default the rate
-the federation's inner schedule ended at, 3x that for LoRA) and follows a cosine to
-`min_lr_ratio` of it (node.schedule.lr_at). The batches continue the node's own data
+the federation's inner schedule ended at, 3x that for LoRA) and then follows the inner
+schedule's shape (by default a cosine to `min_lr_ratio` of it: node.schedule.lr_at). The batches continue the node's own data
 stream where the federation's rounds left it, so a personalised model and a model trained
 alone for the same number of steps see the same sequences.
 
@@ -81,7 +81,7 @@ class PersonaliseConfig:
         # The rate the federation's schedule ended at: a fresh optimizer at the peak rate
         # undoes more than it adapts (measured: README, Personalisation). Low-rank updates start
         # at zero and move few weights: they take a larger step.
-        end = inner.lr * inner.min_lr_ratio
+        end = lr_at(inner.steps, inner)  # cosine and wsd: lr·min_lr_ratio; constant: lr
         return end * (3.0 if self.mode == "lora" else 1.0)
 
 

@@ -149,3 +149,14 @@ def test_full_personalisation_continues_the_nodes_inner_optimizer_state(
     worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
     fresh_gap = max(float((other[k] - expected[k]).abs().max()) for k in expected)
     assert worst < 1e-6 < fresh_gap / 100, (worst, fresh_gap)
+
+
+def test_the_default_peak_is_where_the_federations_schedule_ended() -> None:
+    from model.train_config import TrainConfig
+    from node.personalise import PersonaliseConfig
+
+    cosine = TrainConfig.from_dict({"lr": 1e-3, "min_lr_ratio": 0.1, "steps": 100})
+    constant = TrainConfig.from_dict({"lr": 1e-3, "steps": 100, "schedule": "constant"})
+    assert PersonaliseConfig(steps=10).peak_lr(cosine) == pytest.approx(1e-4)
+    assert PersonaliseConfig(steps=10).peak_lr(constant) == pytest.approx(1e-3)  # never decayed
+    assert PersonaliseConfig(steps=10, mode="lora").peak_lr(constant) == pytest.approx(3e-3)
