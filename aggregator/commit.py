@@ -76,6 +76,7 @@ class Committer:
         self._failures = 0  # consecutive transient failures of this round's commit
         self._retry_at = 0.0  # no attempt before this time (shared.clock)
         self.permanent_failure: str | None = None  # why this round can never commit
+        self._aggregating_since: float | None = None  # this process moved the round there
 
     def begin(self) -> CommitJob | None:
         """Mark the round AGGREGATING and snapshot it; None if a commit is under way or the
@@ -86,6 +87,8 @@ class Committer:
         try:
             if s.round.state != RoundState.AGGREGATING:
                 s.move_round(RoundState.AGGREGATING)
+                self._aggregating_since = s.clock()
+                s.metrics.phase("training", s.round.started_at, self._aggregating_since)
         except Exception as e:
             self._failed(s.round.number, e)
             return None
@@ -98,6 +101,7 @@ class Committer:
     def run(self, job: CommitJob) -> None:
         """The outer step and the checkpoint without the lock, then the commit under it."""
         s, r = self.shared, job.round
+        aggregating_since = self._aggregating_since  # installing the new version clears it
         try:
             if job.reload and self._reload(job):
                 return
@@ -149,6 +153,9 @@ class Committer:
             with s.lock:
                 self._running = False
         self._failures, self._retry_at = 0, 0.0
+        now = s.clock()
+        s.metrics.round_ended("committed", r.started_at, now)
+        s.metrics.phase("aggregating", aggregating_since, now)
         s.log(f"round {r.number}: committed version {version} from {len(job.completed)} upload(s)")
         self._prune_checkpoints()
 
@@ -240,6 +247,7 @@ class Committer:
     def round_ended(self) -> None:
         """A new round: its commit starts with a clean slate (the reload flag stays)."""
         self._failures, self._retry_at, self.permanent_failure = 0, 0.0, None
+        self._aggregating_since = None
 
     def _prune_checkpoints(self) -> None:
         keep = self.shared.config.store.keep_checkpoints

@@ -71,10 +71,18 @@ class ServerConfig:
     malloc_trim_seconds: float = 60.0
     kit: str = ""  # the aggregator's startup kit (`fedpt ca issue --server-host ...`): mutual TLS
     insecure: bool = False  # plain text, identity by session token: trusted networks and tests only
+    # Prometheus metrics (aggregator/metrics.py) at http://host:metrics_port/metrics; 0: off.
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise AggregatorConfigError(f"[server] port {self.port} is not a TCP port")
+        if not 0 <= self.metrics_port < 65536:
+            raise AggregatorConfigError(
+                f"[server] metrics_port {self.metrics_port} is not a TCP port (0: no metrics)"
+            )
+        if self.metrics_port and self.metrics_port == self.port:
+            raise AggregatorConfigError("[server] metrics_port must differ from port")
         if self.max_workers < 4:
             raise AggregatorConfigError("[server] max_workers must be at least 4")
         if self.long_poll_seconds <= 0:

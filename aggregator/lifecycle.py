@@ -261,6 +261,7 @@ class RoundLifecycle:
         s = self.shared
         r = s.round
         s.store_call(s.store.fail_round, s.federation_id, r.number, outcome)
+        s.metrics.round_ended("failed", r.started_at, s.clock())
         self.committer.round_ended()
         s.log(f"round {r.number}: failed ({outcome}); the next round starts from version "
               f"{s.model.version}")  # fmt: skip

@@ -73,6 +73,8 @@ class Coordinator:
         self.intake = UploadIntake(self.shared, state_dir / "uploads")
         self.committer = Committer(self.shared, self.intake, checkpoints, opened.outer)
         self.lifecycle = RoundLifecycle(self.shared, self.membership, self.intake, self.committer)
+        self.shared.metrics.watch(self._nodes_connected, lambda: self.shared.model.version,
+                                  lambda: self.shared.round.number)  # fmt: skip
         self.lifecycle.recover()
         self.intake.settle()  # a round failed at start-up leaves its spool folder to delete
         self._stop = threading.Event()
@@ -81,6 +83,15 @@ class Coordinator:
             self._ticker.start()
 
     # ---- what the shared state says -----------------------------------------------------------
+    def _nodes_connected(self) -> float:
+        """Nodes seen by GetTask within the long-poll window (a metric: NaN when busy)."""
+        if not self.lock.acquire(timeout=1.0):
+            return float("nan")
+        try:
+            return float(len(self.lifecycle._ready_nodes()))
+        finally:
+            self.lock.release()
+
     @property
     def lock(self) -> threading.RLock:
         return self.shared.lock
@@ -243,7 +254,11 @@ class Coordinator:
             self.intake.settle()  # a session it replaced leaves disk and sum before any chunk
 
     def add_chunk(self, session: UploadSession, chunk: pb.Chunk) -> None:
+        metrics, nbytes = self.shared.metrics, len(chunk.data)
+        metrics.received(nbytes)
+        start = time.perf_counter()
         session.add_chunk(chunk.index, chunk.data)  # no lock: uploads add in parallel
+        metrics.accumulated(nbytes, time.perf_counter() - start)
 
     def end_upload(self, session: UploadSession) -> pb.PushReply:
         """The stream ended: complete the upload if every chunk arrived, else keep it to resume."""

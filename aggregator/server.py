@@ -18,6 +18,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.errors import Refused
 from aggregator.handlers import SERVICE_NAME, add_federation_service
 from aggregator.memory import PeriodicTrim, fix_mmap_threshold, limit_malloc_arenas
+from aggregator.metrics import RpcTimer
 from aggregator.rounds import Coordinator
 from aggregator.servicer import FederationServicer
 from aggregator.store import Store
@@ -45,6 +46,7 @@ class RunningAggregator:
     health: health.HealthServicer
     port: int
     ca_pem: bytes | None = None  # the federation CA (None: --insecure)
+    metrics_port: int = 0  # where /metrics is served (0: not served)
 
     @property
     def address(self) -> str:
@@ -54,6 +56,7 @@ class RunningAggregator:
         self.health.enter_graceful_shutdown()
         # Bounded, so the store and coordinator close even if a handler is stuck.
         self.server.stop(grace).wait(timeout=grace + 5)
+        self.coordinator.shared.metrics.stop()
         self.coordinator.close()
         self.store.close()
 
@@ -103,6 +106,7 @@ def start_aggregator(
             *_window_options(config.server.stream_window_bytes),
             *_metadata_options(config.server.max_metadata_bytes),
         ],
+        interceptors=[RpcTimer(coordinator.shared.metrics)],
     )
     servicer = FederationServicer(coordinator, log, ca_pem=None if kit is None else kit.ca_pem)
     add_federation_service(server, servicer, limit)
@@ -121,13 +125,26 @@ def start_aggregator(
         coordinator.close()
         store.close()
         raise OSError(f"cannot listen on {config.server.host}:{config.server.port}")
+    metrics_port = 0
+    if config.server.metrics_port:
+        try:
+            metrics_port = coordinator.shared.metrics.serve(config.server.metrics_port,
+                                                            config.server.host)  # fmt: skip
+        except OSError as e:
+            coordinator.close()
+            store.close()
+            raise OSError(f"cannot serve metrics on {config.server.host}:"
+                          f"{config.server.metrics_port}: {e.strerror or e}") from e  # fmt: skip
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     security = "plain text" if kit is None else f"mutual TLS, CA of kit {kit.directory}"
     log(f"aggregator listening on {config.server.host}:{port} ({security})")
+    if metrics_port:
+        log(f"Prometheus metrics on http://{config.server.host}:{metrics_port}/metrics")
+    ca_pem = None if kit is None else kit.ca_pem
     return RunningAggregator(
-        server, coordinator, store, health_servicer, port, None if kit is None else kit.ca_pem
+        server, coordinator, store, health_servicer, port, ca_pem, metrics_port
     )
 
 

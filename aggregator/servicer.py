@@ -157,13 +157,20 @@ class FederationServicer(pb_grpc.FederationServicer):
                 raise InvalidArgument(
                     f"first_chunk {request.first_chunk} is past the last chunk ({payload.manifest.num_chunks})"
                 )
-            yield from model_stream_messages(payload, request.first_chunk, manifest)
+            metrics = self.coordinator.shared.metrics
+            for message in model_stream_messages(payload, request.first_chunk, manifest):
+                yield message
+                metrics.sent(message.ByteSize())  # taken by grpc to send
 
     @_answer_refusals
     def PushUpdate(self, request_iterator: Iterator[pb.UpdateMessage], context) -> pb.PushReply:
-        node = self._caller(context)
-        with self.limits.call(node.id):
-            return self._push_update(node, request_iterator)
+        try:
+            node = self._caller(context)
+            with self.limits.call(node.id):
+                return self._push_update(node, request_iterator)
+        except Refused as e:  # by its status code name: a small fixed set of label values
+            self.coordinator.shared.metrics.upload_refused(e.code)
+            raise
 
     def _push_update(
         self, node: NodeRow, request_iterator: Iterator[pb.UpdateMessage]

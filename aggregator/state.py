@@ -23,6 +23,7 @@ from aggregator.checkpoints import model_description
 from aggregator.config import AggregatorConfig
 from aggregator.downloads import OuterUpdate
 from aggregator.errors import Unavailable
+from aggregator.metrics import AggregatorMetrics
 from aggregator.secure_aggregation import SecAggRound
 from aggregator.store import RoundRow, Store, StoreError
 from model.train_config import TrainConfig
@@ -99,6 +100,8 @@ class Shared:
         self.model = model
         self.round: RoundRow = store.current_round(federation_id)
         self.secagg: SecAggRound | None = None  # this round's secure aggregation, when on
+        # Prometheus metrics of this process (aggregator/metrics.py): hooks that never raise.
+        self.metrics = AggregatorMetrics()
 
     @property
     def secure(self) -> bool:

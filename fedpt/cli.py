@@ -41,6 +41,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from aggregator.rounds import RecoveryError
     from aggregator.store import StoreError
     from fedpt.simulate import SimulationError
+    from fedpt.status import StatusError
     from model.hf import HFFormatError
     from model.train_config import TrainConfigError
     from node.corpus import DataError
@@ -54,7 +55,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (*USER_ERRORS, UsageError, DataError, TrainConfigError, TrainingError,
             AggregatorConfigError, RecoveryError, StoreError, OSError, NodeConfigError,
             FederationMismatch, SimulationError, PKIError, LaunchError, PersonaliseError,
-            AggregatorUnreachable, ModelMismatch, HFFormatError,
+            AggregatorUnreachable, ModelMismatch, HFFormatError, StatusError,
             crash_points.CrashPointError)  # fmt: skip
 
 
@@ -320,6 +321,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_status_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="a federation at a glance, from its aggregator's records")
+    p.add_argument("--state-dir", type=Path, required=True,
+                   help="the aggregator's state folder (read only: safe beside a running one)")  # fmt: skip
+    p.add_argument("--database-url", default=None,
+                   help="the aggregator's PostgreSQL URL, when its records are not in the state dir")  # fmt: skip
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                   help="refresh in place every SECONDS (default 2) until Ctrl-C")  # fmt: skip
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fedpt.status import show
+
+    if args.watch is not None and not args.watch > 0:
+        raise UsageError("--watch must be a positive number of seconds")
+    if not args.state_dir.is_dir():
+        raise UsageError(f"--state-dir {args.state_dir} is not a folder")
+    show(args.state_dir, args.database_url, args.watch)
+    return 0
+
+
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a model in another format (Hugging Face transformers)")
     p.add_argument("--checkpoint", required=True, help="weights file, run folder, node work "
@@ -521,6 +544,9 @@ AGGREGATOR_FLAGS = {
     "outer": ("outer", "name", str, "outer optimizer: fedavg, nesterov or adam"),
     "outer_lr": ("outer", "lr", float, "outer learning rate ([outer] lr)"),
     "kit": ("server", "kit", str, "the aggregator's startup kit folder: mutual TLS"),
+    "metrics_port": ("server", "metrics_port", int,
+                     "serve Prometheus metrics on this port at [server] host; 0: off "
+                     "([server] metrics_port)"),
     "init_from": ("federation", "init_from", str,
                   "start a new federation from this model (fedpt weights or run, global "
                   "checkpoint, or transformers Llama folder) instead of a random one"),
@@ -582,6 +608,8 @@ NODE_FLAGS: dict[str, tuple[type, str]] = {
                                "data for this many steps; 0: none (default 0)"),
     "personalise_lr": (float, "peak lr of personalisation (default: where the inner schedule ended)"),
     "lora_rank": (int, "rank of the LoRA adapters with --personalise-mode lora (default 8)"),
+    "metrics_port": (int, "serve Prometheus metrics of rank 0 on this port; 0: off (default 0)"),
+    "metrics_host": (str, "address the metrics port binds (default 127.0.0.1: this host only)"),
 }  # fmt: skip
 
 
@@ -925,6 +953,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if simulate(options) else 1
 
 
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="charts and a self-contained report.html of a run "
+                       "(needs the report extra)")  # fmt: skip
+    p.add_argument("--run", type=Path, required=True, help="a fedpt simulate run folder, a "
+                   "fedpt train run folder or an aggregator --state-dir (read, never changed)")  # fmt: skip
+    p.add_argument("--out", type=Path, help="the HTML file to write, its PNGs beside it "
+                   "(default: RUN/report/report.html)")  # fmt: skip
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedpt.report import ReportError, ReportUnavailable, write_report
+
+    if args.out is not None and args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a folder: name the HTML file to write")
+    try:
+        path = write_report(args.run, args.out)
+    except (ReportError, ReportUnavailable) as e:
+        raise UsageError(str(e)) from e
+    print(path)
+    return 0
+
+
 # ---- entry point ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fedpt", description="Federated generative pretraining.")
@@ -935,12 +986,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_generate_parser,
         add_export_parser,
         add_import_parser,
+        add_status_parser,
         add_tokenizer_parser,
         add_data_parser,
         add_aggregator_parser,
         add_node_parser,
         add_simulate_parser,
         add_ca_parser,
+        add_report_parser,
     ):
         add(sub)
     return parser

@@ -305,6 +305,9 @@ class Simulation:
         if self.opts.compare_alone:
             summary.update(self._compare_with_alone(val_sets))
             (self.run / "summary.json").write_text(json.dumps(summary, indent=2))
+        from fedpt.report import report_at_end  # charts and report.html; never fails the run
+
+        report_at_end(self.run, self.log)
         return summary
 
     def _node_toml(self, name: str) -> Path:

@@ -213,6 +213,9 @@ def run_training(
             save_tensors_atomic(weights, out_dir / WEIGHTS_NAME, metadata)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             log(f"done: weights in {out_dir / WEIGHTS_NAME}")
+            from fedpt.report import report_at_end  # charts; never fails the run
+
+            report_at_end(out_dir, log)
         return summary
     finally:
         trainer.close()

@@ -50,6 +50,7 @@ from node.personalise import (
     personalise,
     validation_loss,
 )
+from node.prometheus import NodeMetrics
 from node.round_order import ModelMismatch, RoundOrder
 from node.secure_aggregation import NodeSecAgg, SecAggRefused
 from node.trainer import Trainer
@@ -131,6 +132,10 @@ class NodeConfig:
     insecure: bool = (
         False  # plain text to an --insecure aggregator: trusted networks and tests only
     )
+    # Prometheus metrics of rank 0 (node/prometheus.py) at http://metrics_host:metrics_port/metrics;
+    # 0: off. Loopback by default: a node's numbers describe its private training run.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -144,6 +149,10 @@ class NodeConfig:
         if not self.kit and not self.insecure and not self.node_rank:  # other hosts never dial out
             raise NodeConfigError(
                 "a node needs --kit (its startup kit) for mutual TLS, or --insecure"
+            )
+        if not 0 <= self.metrics_port < 65536:
+            raise NodeConfigError(
+                f"metrics_port {self.metrics_port} is not a TCP port (0: no metrics)"
             )
         if self.nproc_per_node < 1 or self.poll_seconds <= 0 or self.reconnect_timeout_seconds <= 0:
             raise NodeConfigError(
@@ -245,6 +254,11 @@ class Participant:
         self.trained_versions: set[int] = set()  # versions this process trained from
         self.left_rounds: set[int] = set()  # rounds this node dropped out of
         self.rounds_log = MetricsLog(self.work_dir / "rounds.jsonl" if env.is_main else None)
+        self.prometheus: NodeMetrics | None = None  # rank 0 with --metrics-port
+        if env.is_main and cfg.metrics_port:
+            self.prometheus = NodeMetrics()
+            port = self.prometheus.serve(cfg.metrics_port, cfg.metrics_host)
+            self.log(f"Prometheus metrics on http://{cfg.metrics_host}:{port}/metrics")
 
     # ---- set-up -------------------------------------------------------------------------------
     def _join(self) -> pb.FederationSpec:
@@ -342,6 +356,10 @@ class Participant:
                 )
                 records.append(record)
                 self.rounds_log.write(dataclasses.asdict(record))
+                if self.prometheus is not None:
+                    last = getattr(trainer, "last_log", None)
+                    self.prometheus.record_round(record, spec.inner_steps,
+                                                 last.mfu if last is not None else None)  # fmt: skip
                 if once:
                     if self.env.is_main and record.pushed and not self._stages_elsewhere:
                         self._until_round_closes(round_number)
@@ -349,6 +367,8 @@ class Participant:
         finally:
             trainer.close()
             self.rounds_log.close()
+            if self.prometheus is not None:
+                self.prometheus.stop()
             if self.client is not None:
                 self.client.close()
 
