@@ -12,13 +12,13 @@ grpc has handlers for, and gRPC status code names of refusals.
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from collections.abc import Callable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.exposition import start_wsgi_server
+
+from protos.metrics_endpoint import MetricsEndpoint
 
 OUTCOMES = ("committed", "failed")
 PHASES = ("training", "aggregating")
@@ -44,9 +44,10 @@ def _never_raises(method: Callable) -> Callable:
     return wrapper
 
 
-class AggregatorMetrics:
+class AggregatorMetrics(MetricsEndpoint):
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry(auto_describe=True)
+        super().__init__(CollectorRegistry(auto_describe=True))
+        r = self.registry
         ProcessCollector(namespace="fedpt", registry=r)  # memory, CPU, open files of this process
         self.rounds = Counter("fedpt_rounds", "Rounds ended, by outcome", ["outcome"], registry=r)
         for outcome in OUTCOMES:
@@ -94,8 +95,6 @@ class AggregatorMetrics:
             "fedpt_federation_model_version", "The global model version served", registry=r
         )
         self.round_number = Gauge("fedpt_round_number", "The current round's number", registry=r)
-        self._server = None
-        self._server_thread: threading.Thread | None = None
 
     # ---- hooks (never raise) ------------------------------------------------------------------
     @_never_raises
@@ -143,17 +142,6 @@ class AggregatorMetrics:
             gauge.set_function(_or_nan(read))
 
     # ---- the HTTP endpoint --------------------------------------------------------------------
-    def serve(self, port: int, host: str) -> int:
-        """Serve /metrics on host:port (a daemon thread); the port bound."""
-        self._server, self._server_thread = start_wsgi_server(port, addr=host,
-                                                              registry=self.registry)  # fmt: skip
-        return self._server.server_address[1]
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
 
 
 def _or_nan(read: Callable[[], float]) -> Callable[[], float]:

@@ -956,8 +956,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="charts and a self-contained report.html of a run "
                        "(needs the report extra)")  # fmt: skip
-    p.add_argument("--run", type=Path, required=True, help="a fedpt simulate run folder, a "
-                   "fedpt train run folder or an aggregator --state-dir (read, never changed)")  # fmt: skip
+    p.add_argument("--run", "--state-dir", dest="run", type=Path, required=True,
+                   help="a fedpt simulate run folder, a fedpt train run folder or an aggregator "
+                   "--state-dir (read, never changed)")  # fmt: skip
     p.add_argument("--out", type=Path, help="the HTML file to write, its PNGs beside it "
                    "(default: RUN/report/report.html)")  # fmt: skip
     p.set_defaults(func=cmd_report)

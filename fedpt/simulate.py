@@ -46,6 +46,7 @@ from node.evaluation import mean_loss
 from node.local_training import cache_dir
 from node.parallel import DistEnv
 from node.personalise import PersonaliseConfig, PersonaliseError
+from node.progress import count_bar
 from node.shards import TokenShards, prepare_data
 from protos import pki
 
@@ -373,31 +374,37 @@ class Simulation:
             self.log("  ".join(f"{h:>8}" for h in header))
             rows, reported = [], set()
             budget = time.monotonic() + self.opts.rounds * self.opts.round_timeout + 120
-            while time.monotonic() < budget:
-                for r in store.rounds(fid):
-                    if r.state not in ("COMMITTED", "FAILED") or r.number in reported:
-                        continue
-                    reported.add(r.number)
-                    names.update({n.id: n.organisation for n in store.nodes(fid)})
-                    rows.append(self._row(store, fid, r, names, nodes, model_config, val_sets))
-                    self.log("  ".join(f"{c:>8}" for c in rows[-1]["cells"]))
-                if aggregator.poll() not in (None, 0):
+            # A terminal gets a bar of rounds done (node/progress.py); the rows print above it.
+            with count_bar("rounds", self.opts.rounds) as bar:
+                while time.monotonic() < budget:
+                    for r in store.rounds(fid):
+                        if r.state not in ("COMMITTED", "FAILED") or r.number in reported:
+                            continue
+                        reported.add(r.number)
+                        names.update({n.id: n.organisation for n in store.nodes(fid)})
+                        rows.append(self._row(store, fid, r, names, nodes, model_config, val_sets))
+                        self.log("  ".join(f"{c:>8}" for c in rows[-1]["cells"]))
+                        bar.update(len(reported))
+                    if aggregator.poll() not in (None, 0):
+                        raise SimulationError(
+                            f"the aggregator exited with {aggregator.returncode}:\n{tail(agg_log)}"
+                        )
+                    failed = [n for n in nodes if n.process.poll() not in (None, 0)]
+                    if failed:
+                        n = failed[0]
+                        raise SimulationError(
+                            f"node {n.name} exited with {n.process.returncode}:\n{tail(n.log_path)}"
+                        )
+                    if (
+                        all(n.process.poll() == 0 for n in nodes)
+                        and len(reported) >= self.opts.rounds
+                    ):
+                        break
+                    time.sleep(0.5)
+                else:
                     raise SimulationError(
-                        f"the aggregator exited with {aggregator.returncode}:\n{tail(agg_log)}"
+                        f"the simulation did not finish in time; logs in {self.run / 'logs'}"
                     )
-                failed = [n for n in nodes if n.process.poll() not in (None, 0)]
-                if failed:
-                    n = failed[0]
-                    raise SimulationError(
-                        f"node {n.name} exited with {n.process.returncode}:\n{tail(n.log_path)}"
-                    )
-                if all(n.process.poll() == 0 for n in nodes) and len(reported) >= self.opts.rounds:
-                    break
-                time.sleep(0.5)
-            else:
-                raise SimulationError(
-                    f"the simulation did not finish in time; logs in {self.run / 'logs'}"
-                )
         finally:
             store.close()
         return self._summary(initial, rows)

@@ -50,13 +50,14 @@ from node.personalise import (
     personalise,
     validation_loss,
 )
+from node.progress import transfer_bar
 from node.prometheus import NodeMetrics
 from node.round_order import ModelMismatch, RoundOrder
 from node.secure_aggregation import NodeSecAgg, SecAggRefused
 from node.trainer import Trainer
 from protos import crash_points, pki
 from protos import federation_pb2 as pb
-from protos.codec import EncodedPayload, SpooledPayload, TensorSpec, specs_of
+from protos.codec import DEFAULT_CHUNK_BYTES, EncodedPayload, SpooledPayload, TensorSpec, specs_of
 from protos.delta_encoding import encode_update, is_secure, plain_rounding_key
 
 SECAGG_STAGES = (pb.Task.SECAGG_ADVERTISE_KEYS, pb.Task.SECAGG_SHARE_KEYS, pb.Task.SECAGG_UNMASK)
@@ -675,7 +676,19 @@ class Participant:
     def _fetch_global(self, round_number: int, version: int) -> dict[str, torch.Tensor]:
         """Model `version` (rank 0): from the compressed outer update when this node holds the
         version before it and the federation sends updates, else the whole model."""
-        progress = lambda _n: crash_points.reached("node.pull", round_number)  # noqa: E731
+        chunk_bytes = self.spec.chunk_bytes or DEFAULT_CHUNK_BYTES
+        model_bytes = sum(math.prod(s.shape) * 4 for s in self.model_specs)  # fp32 on the wire
+        with transfer_bar(f"round {round_number} pull", model_bytes, chunk_bytes) as on_chunks:
+
+            def progress(chunks: int) -> None:
+                crash_points.reached("node.pull", round_number)
+                on_chunks(chunks)
+
+            return self._fetch_global_with(round_number, version, progress)
+
+    def _fetch_global_with(
+        self, round_number: int, version: int, progress: Callable[[int], None]
+    ) -> dict[str, torch.Tensor]:
         held, self._held = self._held, None  # an update is added into it in place
         if held is not None and held[0] == version:
             return held[1]
@@ -709,13 +722,21 @@ class Participant:
             return False
         try:
             payload = self._encode(round_number, version, delta, tokens)
-            self._reconnecting(
-                lambda: self.client.push_payload(
-                    round_number, version, payload, tokens, loss, base_val_loss=base_val_loss,
-                    progress=lambda _n: crash_points.reached("node.upload", round_number),
-                ),
-                "push",
-            )  # fmt: skip
+            manifest = payload.manifest
+            with transfer_bar(f"round {round_number} push", manifest.total_bytes,
+                              manifest.chunk_bytes) as on_chunks:  # fmt: skip
+
+                def progress(chunks: int) -> None:
+                    crash_points.reached("node.upload", round_number)
+                    on_chunks(chunks)
+
+                self._reconnecting(
+                    lambda: self.client.push_payload(
+                        round_number, version, payload, tokens, loss, base_val_loss=base_val_loss,
+                        progress=progress,
+                    ),
+                    "push",
+                )  # fmt: skip
         except SecAggRefused as e:
             self.log(f"round {round_number}: not sending an update: {e}")
             self.left_rounds.add(round_number)

@@ -11,15 +11,17 @@ import contextlib
 import math
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import start_wsgi_server
+
+from protos.metrics_endpoint import MetricsEndpoint
 
 PHASES = ("pull", "train", "push", "wait")
 PHASE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
 
 
-class NodeMetrics:
+class NodeMetrics(MetricsEndpoint):
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry(auto_describe=True)
+        super().__init__(CollectorRegistry(auto_describe=True))
+        r = self.registry
         self.rounds = Counter("fedpt_node_rounds", "Rounds this node took part in", registry=r)
         self.inner_steps = Counter(
             "fedpt_node_inner_steps", "Inner optimizer steps trained", registry=r
@@ -43,7 +45,6 @@ class NodeMetrics:
             "fedpt_node_model_version", "The global model version the last round trained from",
             registry=r,
         )  # fmt: skip
-        self._server = None
 
     def record_round(self, record, inner_steps: int, mfu: float | None = None) -> None:
         """One round's RoundRecord (node/participant.py); `inner_steps`: the federation's H."""
@@ -73,14 +74,3 @@ class NodeMetrics:
                     registry=self.registry,
                 )
             self.mfu.set(mfu)
-
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve /metrics on host:port (a daemon thread); the port bound."""
-        self._server, _ = start_wsgi_server(port, addr=host, registry=self.registry)
-        return self._server.server_address[1]
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()

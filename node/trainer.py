@@ -44,6 +44,7 @@ from node.parallel import (
     gradient_sync,
     parallelize,
 )
+from node.progress import step_bar
 from node.schedule import lr_at
 from node.shards import BatchSampler, TokenShards, get_batch
 
@@ -212,21 +213,28 @@ class Trainer:
         losses: list[float] = []
         pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
         interval_start, interval_tokens = time.perf_counter(), self.tokens_seen
-        while self.step < target:
-            loss, grad_norm, lr = self.train_step()
-            pending.append((self.step, loss, grad_norm, lr))
-            if self.step % self.cfg.log_every == 0 or self.step == target:
-                elapsed = self._sync_and_time(interval_start)
-                rate = (self.tokens_seen - interval_tokens) / max(elapsed, 1e-9)
-                losses += self._flush(pending, rate)
-                pending = []
-                interval_start, interval_tokens = time.perf_counter(), self.tokens_seen
-            if self._due(self.cfg.eval_every) and self.val_data is not None:
-                self.evaluate_and_log()
-                interval_start = time.perf_counter()  # evaluation time is not training time
-            if self._due(self.cfg.checkpoint_every) and self.out_dir is not None:
-                self.save_checkpoint()
-                interval_start = time.perf_counter()
+        first = self.step
+        # A terminal gets a bar (rank 0; node/progress.py); the log lines print above it.
+        with step_bar("training", num_steps, enabled=self.env.is_main) as bar:
+            while self.step < target:
+                loss, grad_norm, lr = self.train_step()
+                pending.append((self.step, loss, grad_norm, lr))
+                if self.step % self.cfg.log_every == 0 or self.step == target:
+                    elapsed = self._sync_and_time(interval_start)
+                    rate = (self.tokens_seen - interval_tokens) / max(elapsed, 1e-9)
+                    losses += self._flush(pending, rate)
+                    pending = []
+                    interval_start, interval_tokens = time.perf_counter(), self.tokens_seen
+                    bar.update(self.step - first, rate=f"{rate:,.0f} tok/s",
+                               loss=f"loss {losses[-1]:.4f}")  # fmt: skip
+                else:
+                    bar.update(self.step - first)
+                if self._due(self.cfg.eval_every) and self.val_data is not None:
+                    self.evaluate_and_log()
+                    interval_start = time.perf_counter()  # evaluation time is not training time
+                if self._due(self.cfg.checkpoint_every) and self.out_dir is not None:
+                    self.save_checkpoint()
+                    interval_start = time.perf_counter()
         return losses
 
     def _due(self, every: int) -> bool:

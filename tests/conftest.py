@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,3 +80,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         with admin.connect() as c:
             c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def issue_kits(root: Path, orgs: Iterable[str], foreign: str | None = None) -> dict:
+    """A federation CA with startup kits: "aggregator" (a server for 127.0.0.1) and one per
+    organisation; with `foreign`, a kit for that organisation from another CA, as "foreign"."""
+    from protos import pki
+
+    pki.init_ca(root / "ca")
+    out = {"aggregator": pki.load_kit(pki.issue_kit(root / "ca", "aggregator", root / "aggregator",
+                                                    server_hosts=["127.0.0.1"]))}  # fmt: skip
+    for org in orgs:
+        out[org] = pki.load_kit(pki.issue_kit(root / "ca", org, root / org))
+    if foreign is not None:
+        pki.init_ca(root / "other-ca")
+        out["foreign"] = pki.load_kit(pki.issue_kit(root / "other-ca", foreign, root / "foreign"))
+    return out

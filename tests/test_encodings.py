@@ -24,6 +24,7 @@ from protos import delta_encoding as de
 from protos import federation_pb2 as pb
 from protos import pki
 from protos.codec import SpooledPayload, encode
+from tests.conftest import issue_kits
 from tests.test_aggregator import join, make_config, train_tasks, wait_for_version
 from tests.test_secure_aggregation import masked_payload
 
@@ -90,13 +91,7 @@ def test_plain_encoding_commits_the_mean_of_what_the_nodes_sent(
 
 @pytest.fixture(scope="module")
 def kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pki.StartupKit]:
-    root = tmp_path_factory.mktemp("pki")
-    pki.init_ca(root / "ca")
-    out = {"aggregator": pki.load_kit(pki.issue_kit(root / "ca", "aggregator", root / "aggregator",
-                                                    server_hosts=["127.0.0.1"]))}  # fmt: skip
-    for org in ("org0", "org1", "org2"):
-        out[org] = pki.load_kit(pki.issue_kit(root / "ca", org, root / org))
-    return out
+    return issue_kits(tmp_path_factory.mktemp("pki"), ("org0", "org1", "org2"))
 
 
 @pytest.mark.parametrize("encoding", ["masked-int32", "masked-int16", "masked-int8"])

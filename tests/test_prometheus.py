@@ -132,7 +132,7 @@ def test_no_metrics_port_by_default(tmp_path: Path, serve) -> None:  # noqa: F81
 
 def test_node_exporter_reports_the_last_round() -> None:
     metrics = NodeMetrics()
-    port = metrics.serve(free_port())
+    port = metrics.serve(free_port(), "127.0.0.1")
     try:
         assert value(scrape(port), "fedpt_node_rounds_total") == 0
         assert "fedpt_node_mfu_ratio" not in scrape(port)  # unknown until a step reports it

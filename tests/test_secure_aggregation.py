@@ -37,6 +37,7 @@ from protos import federation_pb2 as pb
 from protos import pki, secagg
 from protos.codec import SpooledPayload
 from protos.delta_encoding import encode_update_in_place
+from tests.conftest import issue_kits
 
 MODEL = ModelConfig(dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=16)
 N, THRESHOLD = 5, 3
@@ -48,15 +49,7 @@ UNIT = INNER_STEPS * 2 * 16  # weight_unit: tokens of one rank's round
 
 @pytest.fixture(scope="module")
 def kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pki.StartupKit]:
-    root = tmp_path_factory.mktemp("pki")
-    pki.init_ca(root / "ca")
-    out = {"aggregator": pki.load_kit(pki.issue_kit(root / "ca", "aggregator", root / "aggregator",
-                                                    server_hosts=["127.0.0.1"]))}  # fmt: skip
-    for org in [*ORGS, "intruder"]:
-        out[org] = pki.load_kit(pki.issue_kit(root / "ca", org, root / org))
-    pki.init_ca(root / "other-ca")
-    out["foreign"] = pki.load_kit(pki.issue_kit(root / "other-ca", "org0", root / "foreign"))
-    return out
+    return issue_kits(tmp_path_factory.mktemp("pki"), [*ORGS, "intruder"], foreign="org0")
 
 
 def start(
