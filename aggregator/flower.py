@@ -171,7 +171,8 @@ class FlowerRounds:
         coordinator = self.coordinator
         asked = {members[n].supernode: members[n]
                  for n in coordinator.secagg_members(number, stage) if n in members}  # fmt: skip
-        orders = {node: {**self._order(node, number),
+        order = self._order(number)
+        orders = {node: {**order,
                          "state": coordinator.secagg_state(m.node_id, number).SerializeToString()}
                   for node, m in asked.items()}  # fmt: skip
         name = STAGE_MESSAGES[stage].removeprefix("query.secagg_")
@@ -253,9 +254,11 @@ class FlowerRounds:
         nodes = list(nodes)
         purpose = f"round {number} ({kind})" if kind != "evaluate" else "the final model"
         tokens = self.admissions.issue([str(n) for n in nodes], purpose)
-        return {node: {**self._order(node, number), "token": tokens[str(node)]} for node in nodes}
+        order = self._order(number)
+        return {node: {**order, "token": tokens[str(node)]} for node in nodes}
 
-    def _order(self, node: int, number: int) -> dict:
+    def _order(self, number: int) -> dict:
+        """What every node's record of one batch shares: the data plane, round and model."""
         coordinator = self.coordinator
         with coordinator.lock:  # the version and its payload change together, at a commit
             version, sha256 = coordinator.version, coordinator.payload.manifest.sha256.hex()
