@@ -37,7 +37,8 @@ from aggregator.lifecycle import RoundLifecycle
 from aggregator.membership import Membership, token_digest
 from aggregator.secure_aggregation import SecAggRound
 from aggregator.state import ACCEPTING, GlobalModel, RecoveryError, RoundState, Shared
-from aggregator.store import NodeRow, RoundRow, Store
+from aggregator.status_records import read_federation, size
+from aggregator.store import DOWNLOAD_BYTES, MetricRow, NodeRow, RoundRow, Store
 from aggregator.uploads import UploadSession
 from protos import federation_pb2 as pb
 from protos.codec import EncodedPayload, SpooledPayload, TensorSpec
@@ -69,6 +70,8 @@ class Coordinator:
                                   update_scale=opened.update_scale)  # fmt: skip
         self.shared = Shared(config, store, self.federation_id, self.spec, model,
                              clock=clock, log=log)  # fmt: skip
+        self.state_dir = state_dir
+        self._pulls: dict[str, tuple[int, int]] = {}  # node id -> (version, bytes sent so far)
         self.membership = Membership(self.shared)
         self.intake = UploadIntake(self.shared, state_dir / "uploads")
         self.committer = Committer(self.shared, self.intake, checkpoints, opened.outer)
@@ -239,6 +242,47 @@ class Coordinator:
         if from_previous and model.update is not None:
             return model.update.payload, model.update.manifest_proto()
         return model.payload, model.payload.manifest.to_proto()
+
+    def pulling(self, node_id: str, version: int, sent: int) -> None:
+        """A pull of `version` to `node_id` has sent `sent` bytes so far (for the status)."""
+        self._pulls[node_id] = (version, sent)  # one dict store: no lock needed
+
+    def downloaded(self, node_id: str, nbytes: int) -> None:
+        """A pull stream ended after `nbytes`: recorded against the current round, outside the
+        lock. A metric: a failure to record it is logged, never the node's problem."""
+        self._pulls.pop(node_id, None)
+        if nbytes <= 0:
+            return
+        s = self.shared
+        try:
+            s.store.add_metrics(s.federation_id, [MetricRow(s.round.number, node_id,
+                                                            DOWNLOAD_BYTES, float(nbytes))])  # fmt: skip
+        except Exception as e:
+            self.log(f"download of {nbytes} bytes to {node_id} not recorded: {e}")
+
+    def federation_status(self) -> pb.FederationStatus:
+        """The records' view of this federation, plus what only this process's memory holds:
+        each node's last call, the uploads and pulls in flight."""
+        s = self.shared
+        with self.store.engine.connect() as db:
+            status = read_federation(db, self.federation_id, self.state_dir, s.clock())
+        with self.lock:  # a few dict reads
+            status.live, status.as_of = True, s.clock()
+            ready, sessions = dict(self.lifecycle.ready), dict(self.intake.sessions)
+            completed = set(self.intake.completed)
+        for node in status.nodes:
+            node.last_call = ready.get(node.node_id, 0.0)
+            session, pull = sessions.get(node.node_id), self._pulls.get(node.node_id)
+            if session is not None and node.node_id not in completed:
+                received = session.added_bytes
+                node.upload_in_flight_bytes = received
+                node.doing = (f"uploading round {session.round_number} ({size(received)} of "
+                              f"{size(session.manifest.total_bytes)})")  # fmt: skip
+                if not session.streaming:
+                    node.doing += ", stream cut: waiting for it to resume"
+            elif pull is not None and status.status != "finished":
+                node.doing = f"pulling model version {pull[0]} ({size(pull[1])} so far)"
+        return status
 
     def download_update(self, version: int) -> OuterUpdate | None:
         """The compressed update to `version` this process serves, if any."""

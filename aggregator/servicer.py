@@ -103,9 +103,17 @@ class FederationServicer(pb_grpc.FederationServicer):
         self._verified[certificate] = (identity, now + VERIFIED_CACHE_SECONDS)
         return identity
 
+    def _certified_node(self, context: grpc.ServicerContext) -> pki.PeerIdentity:
+        """The caller's identity, refused if it is an operator's (status only, never a node)."""
+        identity = self._certified(context)
+        if identity.operator:
+            raise PermissionDenied("an operator credential may read the federation's status; "
+                                   "it cannot act as a node")  # fmt: skip
+        return identity
+
     def _caller(self, context: grpc.ServicerContext) -> NodeRow:
         if self.ca_pem is not None:
-            return self.coordinator.node_of_organisation(self._certified(context).organisation)
+            return self.coordinator.node_of_organisation(self._certified_node(context).organisation)
         token = dict(context.invocation_metadata()).get(SESSION_METADATA)
         if not token:
             raise Unauthenticated(f"missing {SESSION_METADATA} metadata: call Join first")
@@ -120,7 +128,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             raise InvalidArgument("capabilities are too large")
         organisation = request.organisation
         if self.ca_pem is not None:
-            certified = self._certified(context).organisation
+            certified = self._certified_node(context).organisation
             if organisation and organisation != certified:
                 raise PermissionDenied(
                     f"this certificate belongs to {certified!r}; it cannot join as {organisation!r}"
@@ -157,10 +165,16 @@ class FederationServicer(pb_grpc.FederationServicer):
                 raise InvalidArgument(
                     f"first_chunk {request.first_chunk} is past the last chunk ({payload.manifest.num_chunks})"
                 )
-            metrics = self.coordinator.shared.metrics
-            for message in model_stream_messages(payload, request.first_chunk, manifest):
-                yield message
-                metrics.sent(message.ByteSize())  # taken by grpc to send
+            metrics, sent = self.coordinator.shared.metrics, 0
+            try:
+                for message in model_stream_messages(payload, request.first_chunk, manifest):
+                    yield message
+                    size = message.ByteSize()  # taken by grpc to send
+                    metrics.sent(size)
+                    sent += size
+                    self.coordinator.pulling(node.id, request.model_version, sent)
+            finally:  # a cut stream's bytes were sent too
+                self.coordinator.downloaded(node.id, sent)
 
     @_answer_refusals
     def PushUpdate(self, request_iterator: Iterator[pb.UpdateMessage], context) -> pb.PushReply:
@@ -203,7 +217,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     def _secure_caller(self, context) -> tuple[NodeRow, pki.PeerIdentity]:
         if self.ca_pem is None:
             raise Refused("secure aggregation needs mutual TLS; this aggregator runs --insecure")
-        identity = self._certified(context)
+        identity = self._certified_node(context)
         return self.coordinator.node_of_organisation(identity.organisation), identity
 
     @_answer_refusals
@@ -233,6 +247,23 @@ class FederationServicer(pb_grpc.FederationServicer):
         with self.limits.call(node.id):
             self.coordinator.unmask(node.id, request)
         return pb.StageAck()
+
+    # ---- operators ----------------------------------------------------------------------------
+    @_answer_refusals
+    def GetFederationStatus(
+        self, request: pb.FederationStatusRequest, context
+    ) -> pb.FederationStatus:
+        if self.ca_pem is None:
+            raise Refused("the federation's status is for operator kits over mutual TLS; this "
+                          "aggregator runs --insecure: read its state folder with fedpt status "
+                          "--state-dir")  # fmt: skip
+        identity = self._certified(context)
+        if not identity.operator:
+            raise PermissionDenied(f"{identity.organisation!r} holds a node's credential; the "
+                                   "federation's status needs an operator kit (fedpt ca issue "
+                                   "--operator)")  # fmt: skip
+        with self.limits.call(f"operator:{identity.organisation}"):
+            return self.coordinator.federation_status()
 
     @_answer_refusals
     def GetUploadStatus(self, request: pb.UploadStatusRequest, context) -> pb.UploadStatus:

@@ -79,6 +79,11 @@ class CheckpointRow:
 
 # A node's loss of the model a round started from, on its own private validation split.
 BASE_VAL_LOSS = "base_val_loss"
+# The energy a node measured for a round's local work, in joules (absent: not measured).
+GPU_ENERGY = "gpu_energy_joules"
+CPU_ENERGY = "cpu_energy_joules"
+# Bytes of model and outer update sent to a node during a round (one row per pull stream).
+DOWNLOAD_BYTES = "download_bytes"
 
 
 @dataclass(frozen=True)
@@ -370,6 +375,12 @@ class Store:
             return CheckpointRow(
                 row.version, row.round_number, row.path, row.sha256, row.nbytes, row.created_at
             )
+
+    def add_metrics(self, federation_id: str, metrics: Iterable[MetricRow]) -> None:
+        """Record metrics measured outside a round's commit (e.g. a finished download)."""
+        with self._transaction() as s:
+            now = time.time()
+            s.add_all(_metric(federation_id, m, now) for m in metrics)
 
     def metrics(self, federation_id: str) -> list[MetricRow]:
         with self._transaction() as s:

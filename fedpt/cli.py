@@ -321,25 +321,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_energy_price_flags(p: argparse.ArgumentParser) -> None:
+    """What a kWh costs and emits: turns measured energy into an estimated cost and CO2e."""
+    p.add_argument("--price-per-kwh", type=float, default=None, metavar="PRICE",
+                   help="electricity price per kWh, for the estimated cost (default: not shown)")  # fmt: skip
+    p.add_argument("--currency", default="EUR", help="the price's currency (default EUR)")
+    p.add_argument("--grid-gco2-per-kwh", type=float, default=None, metavar="GRAMS",
+                   help="grid carbon intensity in g CO2e per kWh, for the estimated emissions")  # fmt: skip
+
+
+def energy_prices(args: argparse.Namespace):
+    from fedpt.energy_cost import EnergyPrices
+
+    try:
+        return EnergyPrices(args.price_per_kwh, args.currency, args.grid_gco2_per_kwh)
+    except ValueError as e:
+        raise UsageError(f"--{str(e).replace('_', '-')}") from e
+
+
 def add_status_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="a federation at a glance, from its aggregator's records")
-    p.add_argument("--state-dir", type=Path, required=True,
-                   help="the aggregator's state folder (read only: safe beside a running one)")  # fmt: skip
+    p = sub.add_parser("status", help="a federation at a glance: live from its aggregator, or "
+                       "from its records")  # fmt: skip
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--aggregator", metavar="HOST:PORT",
+                       help="ask the running aggregator (needs --kit, an operator kit)")  # fmt: skip
+    where.add_argument("--state-dir", type=Path,
+                       help="the aggregator's state folder (read only: safe beside a running one)")  # fmt: skip
+    p.add_argument("--kit", type=Path, default=None,
+                   help="with --aggregator: an operator kit (fedpt ca issue --operator)")  # fmt: skip
     p.add_argument("--database-url", default=None,
                    help="the aggregator's PostgreSQL URL, when its records are not in the state dir")  # fmt: skip
     p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                    help="refresh in place every SECONDS (default 2) until Ctrl-C")  # fmt: skip
+    add_energy_price_flags(p)
     p.set_defaults(func=cmd_status)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fedpt.status import show
+    from fedpt.status import Source, show
 
     if args.watch is not None and not args.watch > 0:
         raise UsageError("--watch must be a positive number of seconds")
-    if not args.state_dir.is_dir():
-        raise UsageError(f"--state-dir {args.state_dir} is not a folder")
-    show(args.state_dir, args.database_url, args.watch)
+    prices = energy_prices(args)
+    if args.aggregator is not None:
+        if args.kit is None:
+            raise UsageError(
+                "--aggregator needs --kit: an operator kit (fedpt ca issue --operator)"
+            )
+        if args.database_url is not None:
+            raise UsageError("--database-url goes with --state-dir, not --aggregator")
+        source = Source(aggregator=args.aggregator, kit=args.kit)
+    else:
+        if not args.state_dir.is_dir():
+            raise UsageError(f"--state-dir {args.state_dir} is not a folder")
+        if args.kit is not None:
+            raise UsageError("--kit goes with --aggregator, not --state-dir")
+        source = Source(state_dir=args.state_dir, database_url=args.database_url)
+    show(source, args.watch, prices)
     return 0
 
 
@@ -699,7 +737,8 @@ def add_ca_parser(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--name", default="fedpt federation CA", help="the CA certificate's name")
     init.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
     init.set_defaults(func=cmd_ca_init)
-    issue = csub.add_parser("issue", help="a startup kit for one organisation (or the aggregator)")
+    issue = csub.add_parser("issue", help="a startup kit for one organisation, the aggregator "
+                            "or an operator")  # fmt: skip
     issue.add_argument(
         "--ca", type=Path, default=Path("ca"), help="the CA folder from `fedpt ca init`"
     )
@@ -709,6 +748,9 @@ def add_ca_parser(sub: argparse._SubParsersAction) -> None:
     issue.add_argument("--out", type=Path, help="kit folder (default: kits/ORG)")
     issue.add_argument("--server-host", action="append", default=[],
                        help="for the aggregator's kit: a DNS name or IP it is reached at (repeatable)")  # fmt: skip
+    issue.add_argument("--operator", action="store_true",
+                       help="an operator's kit: may read the federation's status (fedpt status "
+                       "--aggregator), cannot join as a node")  # fmt: skip
     issue.add_argument(
         "--days", type=int, default=825, help="certificate validity in days (default 825)"
     )
@@ -730,8 +772,8 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
 
     pki.check_organisation(args.org)
     out = pki.issue_kit(args.ca, args.org, args.out or Path("kits") / args.org, server_hosts=args.server_host,
-                        days=args.days)  # fmt: skip
-    kind = "server" if args.server_host else "node"
+                        days=args.days, operator=args.operator)  # fmt: skip
+    kind = "server" if args.server_host else "operator" if args.operator else "node"
     print(f"{kind} startup kit for {args.org!r} in {out}: send it to that organisation only")
     return 0
 

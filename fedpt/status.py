@@ -1,58 +1,54 @@
-"""`fedpt status --state-dir DIR`: a federation at a glance, read from its aggregator's records.
+"""`fedpt status`: a federation at a glance, from a running aggregator or from its records.
 
-Read-only by construction: the SQLite file is opened with `mode=ro` (a PostgreSQL URL in a
-read-only transaction), never through aggregator.store.Store, which migrates on open, so a
-running aggregator is neither migrated nor locked; every query is one short read. What the
-records hold: the rounds (state, participants, times, outcome), every node's uploads (tokens,
-loss, bytes), the upload spools of the open round (what is arriving now). What they do not
-hold, a node's last call, is the aggregator's memory only; a node's latest record stands in.
+  --aggregator HOST:PORT --kit OPERATOR_KIT  asks the running aggregator (GetFederationStatus, an
+      RPC only an operator kit may call): its records plus what only its memory holds, each
+      node's last call, the upload or pull it is in the middle of.
+  --state-dir DIR  reads the aggregator's records alone, read-only by construction: the SQLite
+      file is opened with `mode=ro` (a PostgreSQL URL in a read-only transaction), never through
+      aggregator.store.Store, which migrates on open, so a running aggregator is neither
+      migrated nor locked. A node's latest record (its join or last upload) stands in for its
+      last call.
+
+Both views are the same `pb.FederationStatus`, read by aggregator/status_records.py.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-ACCEPTING = ("TRAINING", "COLLECTING")
+from aggregator.status_records import ACCEPTING, size
+from fedpt.energy_cost import EnergyPrices, energy_summary, kwh_text
+from protos import federation_pb2 as pb
+
+RPC_TIMEOUT_SECONDS = 10.0
+NO_PRICES = EnergyPrices()
 
 
 class StatusError(ValueError):
-    """No federation records where the user pointed; the message says what was found."""
+    """No federation where the user pointed; the message says what was found."""
 
 
-@dataclass
-class NodeStatus:
-    organisation: str
-    node_id: str
-    joined_at: float
-    last_seen: float  # the node's latest record: its join or its last upload
-    doing: str
-    uploaded_bytes: int = 0
-    last_loss: float | None = None
+@dataclass(frozen=True)
+class Source:
+    """Where the status comes from: a running aggregator, or a state folder's records."""
+
+    state_dir: Path | None = None
+    database_url: str | None = None
+    aggregator: str | None = None
+    kit: Path | None = None
+
+    def read(self) -> list[pb.FederationStatus]:
+        if self.aggregator is not None:
+            return [ask_aggregator(self.aggregator, self.kit)]
+        assert self.state_dir is not None
+        return read_status(self.state_dir, self.database_url)
 
 
-@dataclass
-class FederationStatus:
-    name: str
-    status: str  # running | finished
-    version: int
-    total_rounds: int  # 0: until stopped
-    round_number: int
-    round_state: str
-    round_started: float | None
-    round_deadline: float | None
-    committed: int
-    failed: int
-    rounds_per_hour: float | None
-    eta_seconds: float | None
-    last_outcome: str
-    nodes: list[NodeStatus] = field(default_factory=list)
-    uploads_in_flight: dict[str, int] = field(default_factory=dict)  # node id -> bytes so far
-
-
+# ---- offline: the records ---------------------------------------------------------------------
 def database_url(state_dir: Path, url: str | None) -> str:
     """The read-only URL of the state dir's SQLite file, or `url` (PostgreSQL)."""
     if url:
@@ -65,10 +61,12 @@ def database_url(state_dir: Path, url: str | None) -> str:
 
 
 def read_status(state_dir: Path, url: str | None = None,
-                now: Callable[[], float] = time.time) -> list[FederationStatus]:  # fmt: skip
+                now: Callable[[], float] = time.time) -> list[pb.FederationStatus]:  # fmt: skip
     """Every federation the records hold, newest first."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
     from sqlalchemy.exc import SQLAlchemyError
+
+    from aggregator.status_records import read_federations
 
     engine = create_engine(database_url(state_dir, url))
     try:
@@ -77,10 +75,7 @@ def read_status(state_dir: Path, url: str | None = None,
                 db.exec_driver_sql("PRAGMA query_only = ON")
             else:
                 db.exec_driver_sql("SET TRANSACTION READ ONLY")
-            federations = db.execute(text(
-                "SELECT id, name, spec_json, status, created_at FROM federations "
-                "ORDER BY created_at DESC")).all()  # fmt: skip
-            return [_federation(db, row, state_dir, now()) for row in federations]
+            return read_federations(db, state_dir, now())
     except SQLAlchemyError as e:
         raise StatusError(f"cannot read the aggregator's records: {e.__class__.__name__}: "
                           f"{str(e).splitlines()[0]}") from e  # fmt: skip
@@ -88,93 +83,33 @@ def read_status(state_dir: Path, url: str | None = None,
         engine.dispose()
 
 
-def _federation(db, row, state_dir: Path, now: float) -> FederationStatus:
-    from sqlalchemy import text
+# ---- live: the running aggregator -------------------------------------------------------------
+def ask_aggregator(address: str, kit_dir: Path | None,
+                   timeout: float = RPC_TIMEOUT_SECONDS) -> pb.FederationStatus:  # fmt: skip
+    """GetFederationStatus over mutual TLS with an operator kit."""
+    import grpc
 
-    federation_id, name, spec_json, status, _created = row
-    spec = json.loads(spec_json)
-    rounds = db.execute(text(
-        "SELECT id, number, state, participants_json, started_at, deadline_at, finished_at, "
-        "outcome FROM rounds WHERE federation_id = :f ORDER BY number"), {"f": federation_id}).all()  # fmt: skip
-    version = db.execute(text("SELECT MAX(version) FROM checkpoints WHERE federation_id = :f"),
-                         {"f": federation_id}).scalar() or 0  # fmt: skip
-    current = rounds[-1]
-    committed = [r for r in rounds if r.state == "COMMITTED"]
-    failed = sum(r.state == "FAILED" for r in rounds)
-    total = int(spec.get("totalRounds", spec.get("total_rounds", 0)))
-    rate = eta = None
-    if len(committed) >= 2 and committed[-1].finished_at and committed[0].started_at:
-        hours = (committed[-1].finished_at - committed[0].started_at) / 3600
-        rate = len(committed) / hours if hours > 0 else None
-    if rate and total and status != "finished":
-        eta = max(0, total - version) / rate * 3600
-    finished = [r for r in rounds if r.finished_at]
-    result = FederationStatus(
-        name=name, status=status, version=version, total_rounds=total,
-        round_number=current.number, round_state=current.state,
-        round_started=current.started_at, round_deadline=current.deadline_at,
-        committed=len(committed), failed=failed, rounds_per_hour=rate, eta_seconds=eta,
-        last_outcome=finished[-1].outcome if finished else "",
-    )  # fmt: skip
-    participants = set(json.loads(current.participants_json or "[]"))
-    uploads = db.execute(text(
-        "SELECT s.node_id, s.nbytes, s.train_loss, s.completed_at, r.number FROM submissions s "
-        "JOIN rounds r ON r.id = s.round_id WHERE r.federation_id = :f ORDER BY s.completed_at"),
-        {"f": federation_id}).all()  # fmt: skip
-    nodes = db.execute(text("SELECT id, organisation, joined_at FROM nodes "
-                            "WHERE federation_id = :f ORDER BY organisation"),
-                       {"f": federation_id}).all()  # fmt: skip
-    in_flight = _spooling(state_dir, current.number) if current.state in ACCEPTING else {}
-    for node_id, organisation, joined_at in nodes:
-        mine = [u for u in uploads if u.node_id == node_id]
-        node = NodeStatus(organisation, node_id, joined_at,
-                          max([joined_at, *[u.completed_at for u in mine]]), "",
-                          sum(u.nbytes for u in mine), mine[-1].train_loss if mine else None)  # fmt: skip
-        node.doing = _doing(node_id, current, participants, mine, in_flight, status)
-        result.nodes.append(node)
-    result.uploads_in_flight = in_flight
-    return result
+    from protos import federation_pb2_grpc as pb_grpc
+    from protos import pki
 
-
-def _doing(node_id: str, current, participants: set[str], mine: list, in_flight: dict[str, int],
-           status: str) -> str:  # fmt: skip
-    if status == "finished":
-        return "finished"
-    number = current.number
-    if node_id not in participants or current.state not in (*ACCEPTING, "AGGREGATING"):
-        return "waiting for the next round"
-    if any(u.number == number for u in mine):
-        return f"uploaded round {number}"
-    if node_id in in_flight:
-        return f"uploading round {number} ({_size(in_flight[node_id])} so far)"
-    if current.state == "AGGREGATING":
-        return f"left out of round {number}"
-    return f"training round {number}"
-
-
-def _spooling(state_dir: Path, number: int) -> dict[str, int]:
-    """Uploads arriving now: the open round's partial spool files, by node id."""
-    spool = state_dir / "uploads" / f"round_{number:08d}"
-    found: dict[str, int] = {}
-    for part in spool.glob("*.part") if spool.is_dir() else ():
-        node_id = part.name.rsplit(".", 2)[0]
+    if kit_dir is None:
+        raise StatusError("--aggregator needs --kit: an operator kit (fedpt ca issue --operator)")
+    kit = pki.load_kit(kit_dir)
+    if not kit.operator:
+        raise StatusError(f"{kit_dir} is {kit.organisation!r}'s node kit; the federation's "
+                          "status needs an operator kit (fedpt ca issue --operator)")  # fmt: skip
+    with grpc.secure_channel(address, pki.channel_credentials(kit)) as channel:
         try:
-            found[node_id] = found.get(node_id, 0) + part.stat().st_size
-        except FileNotFoundError:  # completed or dropped while we looked
-            continue
-    return found
+            return pb_grpc.FederationStub(channel).GetFederationStatus(
+                pb.FederationStatusRequest(), timeout=timeout)  # fmt: skip
+        except grpc.RpcError as e:
+            raise StatusError(f"the aggregator at {address} answered {e.code().name}: "
+                              f"{e.details()}") from None  # fmt: skip
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _ago(then: float | None, now: float) -> str:
-    if then is None:
+# ---- rendering --------------------------------------------------------------------------------
+def _ago(then: float, now: float) -> str:
+    if not then:
         return "-"
     seconds = max(0.0, now - then)
     if seconds < 90:
@@ -184,72 +119,86 @@ def _ago(then: float | None, now: float) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
-def summary_lines(f: FederationStatus, now: float) -> list[str]:
-    """The federation's and its round's state, one line each."""
-    rounds = f"{f.version}/{f.total_rounds}" if f.total_rounds else f"{f.version}"
-    pace = (f"{f.rounds_per_hour:.1f} rounds/h" if f.rounds_per_hour else "pace n/a (fewer "
-            "than 2 committed rounds)")  # fmt: skip
-    eta = f", ETA {f.eta_seconds / 60:.0f} min" if f.eta_seconds is not None else ""
+def summary_lines(f: pb.FederationStatus, prices: EnergyPrices = NO_PRICES) -> list[str]:
+    """The federation's and its round's state, and its energy, one line each."""
+    now = f.as_of
+    rounds = f"{f.model_version}/{f.total_rounds}" if f.total_rounds else f"{f.model_version}"
+    pace = (f"{f.rounds_per_hour:.1f} rounds/h" if f.HasField("rounds_per_hour")
+            else "pace n/a (fewer than 2 committed rounds)")  # fmt: skip
+    eta = f", ETA {f.eta_seconds / 60:.0f} min" if f.HasField("eta_seconds") else ""
     deadline = ""
     if f.round_deadline and f.round_state in ACCEPTING:
         deadline = f", deadline in {max(0.0, f.round_deadline - now):.0f} s"
-    return [f"federation {f.name} ({f.status}): model version {rounds}, {f.committed} committed, "
-            f"{f.failed} failed, {pace}{eta}",
-            f"round {f.round_number}: {f.round_state}, started {_ago(f.round_started, now)}"
-            f"{deadline}; last outcome: {f.last_outcome or '-'}"]  # fmt: skip
+    source = "live from the aggregator" if f.live else "from its records"
+    in_flight = sum(n.upload_in_flight_bytes for n in f.nodes)
+    uploads = (f"; uploads in flight: {size(in_flight)} from "
+               f"{sum(bool(n.upload_in_flight_bytes) for n in f.nodes)} node(s)") if in_flight else ""  # fmt: skip
+    measured = [n for n in f.nodes if n.HasField("energy_joules")]
+    joules = sum(n.energy_joules for n in measured) if measured else None
+    return [f"federation {f.name} ({f.status}, {source}): model version {rounds}, {f.committed} "
+            f"committed, {f.failed} failed, {pace}{eta}",
+            f"round {f.round}: {f.round_state}, started {_ago(f.round_started, now)}"
+            f"{deadline}; last outcome: {f.last_outcome or '-'}{uploads}",
+            energy_summary(joules, sum(n.measured_tokens for n in measured), prices)]  # fmt: skip
 
 
-def node_row(n: NodeStatus, now: float) -> list[str]:
-    loss = "-" if n.last_loss is None else f"{n.last_loss:.4f}"
-    return [n.organisation, n.node_id, _ago(n.last_seen, now), n.doing,
-            _size(n.uploaded_bytes), loss]  # fmt: skip
+def node_columns(live: bool) -> tuple[str, ...]:
+    seen = "last call" if live else "last record"
+    return ("organisation", "node", seen, "doing", "uploaded", "downloaded", "last loss", "energy")
 
 
-NODE_COLUMNS = ("organisation", "node", "last record", "doing", "uploaded", "last loss")
+def node_row(n: pb.NodeStatus, now: float, live: bool) -> list[str]:
+    loss = f"{n.last_loss:.4f}" if n.HasField("last_loss") and math.isfinite(n.last_loss) else "-"
+    seen = _ago(n.last_call if live else n.last_record, now)
+    energy = kwh_text(n.energy_joules if n.HasField("energy_joules") else None)
+    return [n.organisation, n.node_id, seen, n.doing, size(n.uploaded_bytes),
+            size(n.downloaded_bytes), loss, energy]  # fmt: skip
 
 
-def render(federations: list[FederationStatus], now: float):
+def render(federations: list[pb.FederationStatus], prices: EnergyPrices = NO_PRICES):
     """A rich renderable of every federation (a terminal)."""
     from rich.console import Group
     from rich.table import Table
 
     parts = []
     for f in federations:
-        nodes = Table(*NODE_COLUMNS)
+        nodes = Table(*node_columns(f.live))
         for n in f.nodes:
-            nodes.add_row(*node_row(n, now))
-        parts += [*summary_lines(f, now), nodes]
+            nodes.add_row(*node_row(n, f.as_of, f.live))
+        parts += [*summary_lines(f, prices), nodes]
     return Group(*parts)
 
 
-def plain(federations: list[FederationStatus], now: float) -> str:
+def plain(federations: list[pb.FederationStatus], prices: EnergyPrices = NO_PRICES) -> str:
     """Every federation as plain lines, tab-separated node rows (not a terminal: a log, a pipe)."""
     lines = []
     for f in federations:
-        lines += summary_lines(f, now)
-        lines += ["\t".join(NODE_COLUMNS), *["\t".join(node_row(n, now)) for n in f.nodes]]
+        lines += summary_lines(f, prices)
+        lines += ["\t".join(node_columns(f.live)),
+                  *["\t".join(node_row(n, f.as_of, f.live)) for n in f.nodes]]  # fmt: skip
     return "\n".join(lines)
 
 
-def show(state_dir: Path, url: str | None = None, watch: float | None = None) -> None:
+def show(source: Source, watch: float | None = None,
+         prices: EnergyPrices = NO_PRICES) -> None:  # fmt: skip
     """Print the status once, or refresh it in place every `watch` seconds until Ctrl-C."""
     from rich.console import Console
     from rich.live import Live
 
     console = Console()
-    federations = read_status(state_dir, url)
+    federations = source.read()
     if not federations:
-        raise StatusError(f"{state_dir}'s records hold no federation yet")
+        raise StatusError(f"{source.state_dir}'s records hold no federation yet")
     if watch is None and not console.is_terminal:
-        print(plain(federations, time.time()))
+        print(plain(federations, prices))
         return
     if watch is None:
-        console.print(render(federations, time.time()))
+        console.print(render(federations, prices))
         return
     try:
-        with Live(render(federations, time.time()), console=console, auto_refresh=False) as live:
+        with Live(render(federations, prices), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(watch)
-                live.update(render(read_status(state_dir, url), time.time()), refresh=True)
+                live.update(render(source.read(), prices), refresh=True)
     except KeyboardInterrupt:
         pass

@@ -172,7 +172,7 @@ class ModelStreamMessage(_message.Message):
     def __init__(self, manifest: _Optional[_Union[TensorManifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "base_version", "manifest", "num_tokens", "train_loss", "first_chunk", "base_val_loss")
+    __slots__ = ("round", "base_version", "manifest", "num_tokens", "train_loss", "first_chunk", "base_val_loss", "gpu_energy_joules", "cpu_energy_joules")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,8 @@ class UpdateHeader(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
     BASE_VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    GPU_ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    CPU_ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
     round: int
     base_version: int
     manifest: TensorManifest
@@ -187,7 +189,9 @@ class UpdateHeader(_message.Message):
     train_loss: float
     first_chunk: int
     base_val_loss: float
-    def __init__(self, round: _Optional[int] = ..., base_version: _Optional[int] = ..., manifest: _Optional[_Union[TensorManifest, _Mapping]] = ..., num_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., first_chunk: _Optional[int] = ..., base_val_loss: _Optional[float] = ...) -> None: ...
+    gpu_energy_joules: float
+    cpu_energy_joules: float
+    def __init__(self, round: _Optional[int] = ..., base_version: _Optional[int] = ..., manifest: _Optional[_Union[TensorManifest, _Mapping]] = ..., num_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., first_chunk: _Optional[int] = ..., base_val_loss: _Optional[float] = ..., gpu_energy_joules: _Optional[float] = ..., cpu_energy_joules: _Optional[float] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -330,3 +334,73 @@ class UnmaskRequest(_message.Message):
 class StageAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class FederationStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node_id", "organisation", "joined_at", "last_record", "last_call", "doing", "uploaded_bytes", "downloaded_bytes", "upload_in_flight_bytes", "last_loss", "tokens", "energy_joules", "measured_tokens")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ORGANISATION_FIELD_NUMBER: _ClassVar[int]
+    JOINED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECORD_FIELD_NUMBER: _ClassVar[int]
+    LAST_CALL_FIELD_NUMBER: _ClassVar[int]
+    DOING_FIELD_NUMBER: _ClassVar[int]
+    UPLOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_IN_FLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    organisation: str
+    joined_at: float
+    last_record: float
+    last_call: float
+    doing: str
+    uploaded_bytes: int
+    downloaded_bytes: int
+    upload_in_flight_bytes: int
+    last_loss: float
+    tokens: int
+    energy_joules: float
+    measured_tokens: int
+    def __init__(self, node_id: _Optional[str] = ..., organisation: _Optional[str] = ..., joined_at: _Optional[float] = ..., last_record: _Optional[float] = ..., last_call: _Optional[float] = ..., doing: _Optional[str] = ..., uploaded_bytes: _Optional[int] = ..., downloaded_bytes: _Optional[int] = ..., upload_in_flight_bytes: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., energy_joules: _Optional[float] = ..., measured_tokens: _Optional[int] = ...) -> None: ...
+
+class FederationStatus(_message.Message):
+    __slots__ = ("name", "status", "model_version", "total_rounds", "round", "round_state", "round_started", "round_deadline", "committed", "failed", "rounds_per_hour", "eta_seconds", "last_outcome", "nodes", "as_of", "live")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_STATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_STARTED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    status: str
+    model_version: int
+    total_rounds: int
+    round: int
+    round_state: str
+    round_started: float
+    round_deadline: float
+    committed: int
+    failed: int
+    rounds_per_hour: float
+    eta_seconds: float
+    last_outcome: str
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    as_of: float
+    live: bool
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., model_version: _Optional[int] = ..., total_rounds: _Optional[int] = ..., round: _Optional[int] = ..., round_state: _Optional[str] = ..., round_started: _Optional[float] = ..., round_deadline: _Optional[float] = ..., committed: _Optional[int] = ..., failed: _Optional[int] = ..., rounds_per_hour: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., last_outcome: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., as_of: _Optional[float] = ..., live: _Optional[bool] = ...) -> None: ...

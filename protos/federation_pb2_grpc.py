@@ -79,6 +79,11 @@ class FederationStub:
                 request_serializer=protos_dot_federation__pb2.UnmaskRequest.SerializeToString,
                 response_deserializer=protos_dot_federation__pb2.StageAck.FromString,
                 _registered_method=True)
+        self.GetFederationStatus = channel.unary_unary(
+                '/fedpt.v1.Federation/GetFederationStatus',
+                request_serializer=protos_dot_federation__pb2.FederationStatusRequest.SerializeToString,
+                response_deserializer=protos_dot_federation__pb2.FederationStatus.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -146,6 +151,15 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFederationStatus(self, request, context):
+        """Operators only (a kit from `fedpt ca issue --operator`; nodes are refused): the federation
+        at a glance, with what only the aggregator's memory holds (each node's last call, uploads
+        in flight, bytes sent). Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +207,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Unmask,
                     request_deserializer=protos_dot_federation__pb2.UnmaskRequest.FromString,
                     response_serializer=protos_dot_federation__pb2.StageAck.SerializeToString,
+            ),
+            'GetFederationStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFederationStatus,
+                    request_deserializer=protos_dot_federation__pb2.FederationStatusRequest.FromString,
+                    response_serializer=protos_dot_federation__pb2.FederationStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -438,6 +457,33 @@ class Federation:
             '/fedpt.v1.Federation/Unmask',
             protos_dot_federation__pb2.UnmaskRequest.SerializeToString,
             protos_dot_federation__pb2.StageAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFederationStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpt.v1.Federation/GetFederationStatus',
+            protos_dot_federation__pb2.FederationStatusRequest.SerializeToString,
+            protos_dot_federation__pb2.FederationStatus.FromString,
             options,
             channel_credentials,
             insecure,

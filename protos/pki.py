@@ -2,7 +2,9 @@
 the mTLS credentials and caller identity the gRPC server and client build from them.
 
 Operator:  init_ca(Path("ca"))  once; then  issue_kit(Path("ca"), "acme", Path("kits/acme"))
-           per organisation, and one kit for the aggregator with server_hosts=("agg.example.org",).
+           per organisation, one kit for the aggregator with server_hosts=("agg.example.org",),
+           and for people who watch the federation (`fedpt status --aggregator`) an operator kit:
+           issue_kit(Path("ca"), "ops", Path("kits/ops"), operator=True).
 Node:      kit = load_kit(Path("kits/acme")); grpc.secure_channel(addr, channel_credentials(kit))
 Server:    server.add_secure_port(addr, server_credentials(kit)); in a servicer method
            caller_organisation(context, kit.ca_pem).organisation  is who is calling.
@@ -12,7 +14,10 @@ certificate and key), identity.key (the organisation's long-term Ed25519 key, wh
 per-round secure-aggregation keys) and identity.pub. The certificate binds both names a peer
 may rely on: the URI SAN  urn:fedpt:org:ORG  and  urn:fedpt:identity:ed25519:HEX  (the identity
 public key), so anyone holding ca.crt can check that an Ed25519 key belongs to organisation X.
-A caller's organisation comes only from its verified certificate, never from a request field.
+An operator's certificate also carries  urn:fedpt:role:operator : it may read the federation's
+status and nothing else (the aggregator refuses it as a node, and refuses node certificates the
+operators' calls). A caller's organisation and role come only from its verified certificate,
+never from a request field.
 
 TLS versions: gRPC Python cannot set a minimum TLS version on a server (grpc/grpc#37305; the
 server-side option is pending in grpc/grpc#43080). gRPC core's default range is TLS 1.2-1.3,
@@ -47,6 +52,7 @@ REQUIRED_KIT_FILES = (CA_CERT, NODE_CERT, NODE_KEY, IDENTITY_KEY)  # identity.pu
 
 IDENTITY_URI_PREFIX = "urn:fedpt:identity:ed25519:"
 ORG_URI_PREFIX = "urn:fedpt:org:"
+OPERATOR_ROLE_URI = "urn:fedpt:role:operator"
 
 # The gRPC auth-context property holding the peer's verified leaf certificate (PEM).
 PEER_CERT_PROPERTY = "x509_pem_cert"
@@ -71,12 +77,14 @@ class StartupKit:
     key_pem: bytes
     identity_key: Ed25519PrivateKey
     organisation: str
+    operator: bool = False
 
 
 @dataclass(frozen=True)
 class PeerIdentity:
     organisation: str
     identity_public: Ed25519PublicKey
+    operator: bool = False  # an operator's credential: status only, never a node
 
     @property
     def identity_hex(self) -> str:
@@ -144,16 +152,19 @@ def issue_kit(
     *,
     server_hosts: Sequence[str] = (),
     days: int = 825,
+    operator: bool = False,
 ) -> Path:
     """Write a startup kit for `organisation` into `out_dir`, signed by the CA in `ca_dir`; with
-    `server_hosts` (DNS names or IP addresses) the certificate can also serve TLS. Returns
-    `out_dir`."""
+    `server_hosts` (DNS names or IP addresses) the certificate can also serve TLS; with
+    `operator` it is an operator's credential (status only). Returns `out_dir`."""
     ca_dir, out_dir = Path(ca_dir), Path(out_dir)
     check_organisation(organisation)
     _check_days(days)
     if isinstance(server_hosts, str):  # a lone "host" would be split into characters
         server_hosts = (server_hosts,)
     host_names = [_host_name(h) for h in dict.fromkeys(server_hosts)]
+    if operator and host_names:
+        raise PKIError("an operator kit is a client credential: it cannot also serve TLS")
     _refuse_existing(out_dir, KIT_FILES, "a startup kit")
     ca_cert, ca_key = _load_ca(ca_dir)
 
@@ -163,6 +174,7 @@ def issue_kit(
     names: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(ORG_URI_PREFIX + organisation),
         x509.UniformResourceIdentifier(IDENTITY_URI_PREFIX + identity_hex),
+        *([x509.UniformResourceIdentifier(OPERATOR_ROLE_URI)] if operator else []),
         *host_names,
     ]
     # One role per kit: a node's certificate authenticates clients only, the aggregator's
@@ -253,7 +265,8 @@ def load_kit(directory: Path) -> StartupKit:
             raise PKIError(f"{pub_path}: not a PEM public key ({e})") from None
         if pub != peer.identity_public:
             raise PKIError(f"{pub_path}: does not match {IDENTITY_KEY}")
-    return StartupKit(directory, ca_pem, cert_pem, key_pem, identity_key, peer.organisation)
+    return StartupKit(directory, ca_pem, cert_pem, key_pem, identity_key, peer.organisation,
+                      peer.operator)  # fmt: skip
 
 
 def verify_certificate(
@@ -311,7 +324,8 @@ def verify_certificate(
         raise PKIError(f"{label}: {e}") from None
     if not _IDENTITY_HEX_RE.fullmatch(keys[0]):
         raise PKIError(f"{label}: identity key is not 64 lowercase hex digits")
-    return PeerIdentity(organisation, Ed25519PublicKey.from_public_bytes(bytes.fromhex(keys[0])))
+    public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(keys[0]))
+    return PeerIdentity(organisation, public, OPERATOR_ROLE_URI in uris)
 
 
 # ---- gRPC -------------------------------------------------------------------------------------
