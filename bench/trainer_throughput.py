@@ -3,7 +3,10 @@
 The bare loop is forward, backward, AdamW step, zero_grad on one fixed batch: the floor any
 trainer's overhead is measured against. fedpt's trainer adds batch fetching from memory-mapped
 shards, the LR schedule, gradient clipping, the loss/grad-norm bookkeeping and its logging.
-Repetitions alternate between the two so machine noise hits both alike; medians are quoted.
+"watched" is the same trainer as a node watched by its operator runs it: stdout a (pseudo-)
+terminal, so its progress bar draws live, and a Prometheus endpoint (node/prometheus.py) serving,
+updated after each repetition as after each round and scraped over HTTP. Repetitions alternate
+between the three so machine noise hits them alike; medians are quoted.
 
     python bench/trainer_throughput.py [--preset tiny] [--steps 20] [--repeats 7]
 """
@@ -11,8 +14,15 @@ Repetitions alternate between the two so machine noise hits both alike; medians 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import pty
+import sys
 import tempfile
+import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,6 +31,8 @@ from bench.common import median, print_table, random_shards
 from model.config import preset
 from model.gpt import GPT
 from model.train_config import TrainConfig
+from node.participant import RoundRecord
+from node.prometheus import NodeMetrics
 from node.trainer import Trainer
 
 
@@ -44,6 +56,43 @@ def trainer_seconds(trainer: Trainer, steps: int) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def on_a_terminal() -> Iterator[None]:
+    """sys.stdout is a pseudo-terminal for the block (progress bars draw as on a real one);
+    a thread drains what is drawn."""
+    master, slave = pty.openpty()
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(master, 1 << 16):
+                pass
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    terminal, saved = os.fdopen(slave, "w", buffering=1), sys.stdout
+    sys.stdout = terminal
+    try:
+        yield
+    finally:
+        sys.stdout = saved
+        terminal.close()
+        reader.join(timeout=5)
+        os.close(master)
+
+
+def watched_seconds(trainer: Trainer, steps: int, metrics: NodeMetrics, url: str) -> float:
+    """The trainer with its progress bar live, then the round's metrics recorded and scraped."""
+    start = time.perf_counter()
+    with on_a_terminal():
+        losses = trainer.train(steps)
+    metrics.record_round(RoundRecord(round=0, version=0, wait_seconds=0.0, pull_seconds=0.0,
+                                     train_seconds=time.perf_counter() - start, push_seconds=0.0,
+                                     train_loss=losses[-1], tokens=steps, pushed=True), steps)  # fmt: skip
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        reply.read()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -58,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model_config = preset(args.preset)
-    steps_total = (args.repeats + 1) * args.steps
+    steps_total = 2 * (args.repeats + 1) * args.steps
     cfg = TrainConfig(steps=steps_total, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
                       log_every=args.steps, warmup_steps=5)  # fmt: skip
     tokens_per_step = cfg.tokens_per_step(1)
@@ -74,16 +123,23 @@ def main() -> None:
             )
         )
 
+        metrics = NodeMetrics()
+        url = f"http://127.0.0.1:{metrics.serve(0, '127.0.0.1')}/metrics"
         trainer_seconds(trainer, args.steps)  # warm-up: allocator, thread pools, first-touch pages
+        watched_seconds(trainer, args.steps, metrics, url)
         bare_loop_seconds(bare, cfg, x, y, args.steps)
-        fedpt_rates, bare_rates = [], []
-        for _ in range(args.repeats):
-            fedpt_rates.append(args.steps * tokens_per_step / trainer_seconds(trainer, args.steps))
-            bare_rates.append(
-                args.steps * tokens_per_step / bare_loop_seconds(bare, cfg, x, y, args.steps)
-            )
+        fedpt_rates, watched_rates, bare_rates = [], [], []
+        tokens = args.steps * tokens_per_step
+        try:
+            for _ in range(args.repeats):
+                fedpt_rates.append(tokens / trainer_seconds(trainer, args.steps))
+                watched_rates.append(tokens / watched_seconds(trainer, args.steps, metrics, url))
+                bare_rates.append(tokens / bare_loop_seconds(bare, cfg, x, y, args.steps))
+        finally:
+            metrics.stop()
 
     ratios = [f / b for f, b in zip(fedpt_rates, bare_rates, strict=True)]
+    watched = [w / b for w, b in zip(watched_rates, bare_rates, strict=True)]
     print(f"preset {args.preset} ({model_config.num_params() / 1e6:.2f}M params), {tokens_per_step} tokens/step, "
           f"{torch.get_num_threads()} threads, {args.repeats} alternating repetitions of {args.steps} steps")  # fmt: skip
     print_table(
@@ -91,9 +147,18 @@ def main() -> None:
         [
             ["bare", median(bare_rates), min(bare_rates), max(bare_rates)],
             ["fedpt trainer", median(fedpt_rates), min(fedpt_rates), max(fedpt_rates)],
+            [
+                "fedpt trainer, watched",
+                median(watched_rates),
+                min(watched_rates),
+                max(watched_rates),
+            ],
         ],
     )
     print(f"ratio fedpt/bare: median {median(ratios):.3f} (pairwise), {median(fedpt_rates) / median(bare_rates):.3f} "
+          "(of medians); target >= 0.97")  # fmt: skip
+    print(f"ratio watched (progress bar on a terminal + metrics endpoint)/bare: median "
+          f"{median(watched):.3f} (pairwise), {median(watched_rates) / median(bare_rates):.3f} "
           "(of medians); target >= 0.97")  # fmt: skip
 
 

@@ -1003,6 +1003,7 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
                    "--state-dir (read, never changed)")  # fmt: skip
     p.add_argument("--out", type=Path, help="the HTML file to write, its PNGs beside it "
                    "(default: RUN/report/report.html)")  # fmt: skip
+    add_energy_price_flags(p)
     p.set_defaults(func=cmd_report)
 
 
@@ -1011,8 +1012,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.out is not None and args.out.is_dir():
         raise UsageError(f"--out {args.out} is a folder: name the HTML file to write")
+    prices = energy_prices(args)
     try:
-        path = write_report(args.run, args.out)
+        path = write_report(args.run, args.out, prices)
     except (ReportError, ReportUnavailable) as e:
         raise UsageError(str(e)) from e
     print(path)

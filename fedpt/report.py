@@ -29,7 +29,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aggregator.store import CPU_ENERGY, DOWNLOAD_BYTES, GPU_ENERGY
+from fedpt.energy_cost import (
+    JOULES_PER_KWH,
+    NOT_MEASURED,
+    WHY_NOT_MEASURED,
+    EnergyPrices,
+    energy_summary,
+    kwh_text,
+)
+
 INSTALL_HINT = "pip install 'fedpt[report]' (matplotlib)"
+NO_PRICES = EnergyPrices()
 PHASES = ("wait", "pull", "train", "push", "aggregate")
 
 
@@ -143,13 +154,13 @@ def find_database(run: Path) -> Path | None:
     return None
 
 
-def build_report(run: Path, out_dir: Path) -> Report:
+def build_report(run: Path, out_dir: Path, prices: EnergyPrices = NO_PRICES) -> Report:
     """Draw the run's charts into `out_dir` and say what the page shows."""
     if not run.is_dir():
         raise ReportError(f"--run {run}: no such folder")
     db = find_database(run)
     if db is not None:
-        return _federation_report(run, db, out_dir)
+        return _federation_report(run, db, out_dir, prices)
     if (run / "metrics.jsonl").is_file() or (run / "run.json").is_file():
         return _training_report(run, out_dir)
     raise ReportError(
@@ -186,7 +197,7 @@ def _mean(values: list[float]) -> float:
 
 
 # ---- a federation -----------------------------------------------------------------------------
-def _federation_report(run: Path, db: Path, out_dir: Path) -> Report:
+def _federation_report(run: Path, db: Path, out_dir: Path, prices: EnergyPrices) -> Report:
     toml = {}
     if (run / "aggregator.toml").is_file():
         try:
@@ -315,33 +326,88 @@ def _federation_report(run: Path, db: Path, out_dir: Path) -> Report:
                    "(aggregator database); wait, pull and push are not known.")  # fmt: skip
     report.charts.append(Chart("round_time.png", "Round time", caption))
 
-    # Bytes per round: the uploads the aggregator recorded.
-    uploaded = defaultdict(lambda: defaultdict(int))
-    for s in fed.submissions:
-        uploaded[org.get(s["node_id"], s["node_id"])][s["round"]] += s["nbytes"] or 0
-    if uploaded:
-        fig = Figure(figsize=(9, 4))
-        ax = fig.add_subplot()
-        xs = sorted({n for per in uploaded.values() for n in per})
-        bottom = [0.0] * len(xs)
-        for name in sorted(uploaded):
-            values = [uploaded[name].get(x, 0) / 2**20 for x in xs]
-            ax.bar(xs, values, bottom=bottom, label=name)
-            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        ax.set(xlabel="round", ylabel="MiB uploaded", title="bytes uploaded per round")
-        ax.legend(fontsize="small")
-        _save(fig, out_dir, "bytes.png")
-        report.charts.append(Chart("bytes.png", "Bytes per round", (
-            "The bytes of every completed upload (an organisation's encoded update), from the "
-            "aggregator's submissions table. What the nodes downloaded is not recorded "
-            "anywhere, so it is not shown.")))  # fmt: skip
-    else:
-        report.notes.append("Bytes per round: no upload has completed yet, and downloads are "
-                            "not recorded anywhere, so there is no bytes chart.")  # fmt: skip
+    _bytes_chart(fed, out_dir, report, Figure)
+    _energy_chart(fed, out_dir, report, Figure, prices)
     if summary.get("initial_val_loss") is not None:
         report.settings.append(("validation loss", f"{_fmt(summary['initial_val_loss'])} -> "
                                 f"{_fmt(summary.get('final_val_loss'))}"))  # fmt: skip
     return report
+
+
+def _per_round(fed: Federation, name: str) -> dict[str, dict[int, float]]:
+    """organisation -> round -> the sum of its metric `name` rows in that round."""
+    out: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    for m in fed.metrics:
+        if m["name"] == name:
+            out[fed.organisation_of.get(m["node_id"] or "", m["node_id"])][m["round"]] += m["value"]
+    return out
+
+
+def _stacked(ax, data: dict[str, dict[int, float]], scale: float) -> None:
+    """One bar per round, one segment per organisation."""
+    xs = sorted({n for per in data.values() for n in per})
+    bottom = [0.0] * len(xs)
+    for name in sorted(data):
+        values = [data[name].get(x, 0) / scale for x in xs]
+        ax.bar(xs, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    if data:
+        ax.legend(fontsize="small")
+
+
+def _bytes_chart(fed: Federation, out_dir: Path, report: Report, Figure) -> None:
+    """Bytes per round: the completed uploads and the model bytes each node pulled."""
+    uploaded: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    for s in fed.submissions:
+        uploaded[fed.organisation_of.get(s["node_id"], s["node_id"])][s["round"]] += (
+            s["nbytes"] or 0
+        )
+    downloaded = _per_round(fed, DOWNLOAD_BYTES)
+    if not uploaded and not downloaded:
+        report.notes.append("Bytes per round: no upload has completed and no model was pulled "
+                            "yet, so there is no bytes chart.")  # fmt: skip
+        return
+    fig = Figure(figsize=(11, 4))
+    for i, (data, what) in enumerate(((uploaded, "uploaded"), (downloaded, "downloaded")), 1):
+        ax = fig.add_subplot(1, 2, i)
+        _stacked(ax, data, 2**20)
+        ax.set(xlabel="round", ylabel=f"MiB {what}", title=f"bytes {what} per round")
+    _save(fig, out_dir, "bytes.png")
+    report.charts.append(Chart("bytes.png", "Bytes per round", (
+        "Left: the bytes of every completed upload (an organisation's encoded update), from the "
+        "aggregator's submissions table. Right: the bytes the aggregator sent each organisation "
+        "(the global model, or the compressed outer update), by the round it was pulled in.")))  # fmt: skip
+
+
+def _energy_chart(fed: Federation, out_dir: Path, report: Report, Figure,
+                  prices: EnergyPrices) -> None:  # fmt: skip
+    """kWh per round and organisation, as the nodes measured it (NVML, RAPL); said when not."""
+    joules: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    for name in (GPU_ENERGY, CPU_ENERGY):
+        for who, rounds in _per_round(fed, name).items():
+            for number, value in rounds.items():
+                joules[who][number] += value
+    # tokens per kWh over the uploads that carried a measurement: like with like
+    tokens = sum(s["num_tokens"] for s in fed.submissions
+                 if s["round"] in joules.get(fed.organisation_of.get(s["node_id"], s["node_id"]), {}))  # fmt: skip
+    total = sum(v for rounds in joules.values() for v in rounds.values()) if joules else None
+    report.settings.append(("energy", energy_summary(total, tokens, prices)
+                            .removeprefix("energy: ")))  # fmt: skip
+    if not joules:
+        report.notes.append(f"Energy per round: {NOT_MEASURED}; {WHY_NOT_MEASURED}.")
+        return
+    fig = Figure(figsize=(9, 4))
+    ax = fig.add_subplot()
+    _stacked(ax, joules, JOULES_PER_KWH / 1000)
+    ax.set(xlabel="round", ylabel="Wh", title="energy per round (measured)")
+    _save(fig, out_dir, "energy.png")
+    per_org = "; ".join(
+        f"{who} {kwh_text(sum(rounds.values()))}" for who, rounds in sorted(joules.items())
+    )
+    report.charts.append(Chart("energy.png", "Energy per round", (
+        "The energy each organisation's hardware used for the round's local work (pull, train, "
+        f"encode), as its node measured it: GPUs through NVML, CPU packages through RAPL. In all: "
+        f"{per_org}. Organisations that could not measure are absent, not estimated.")))  # fmt: skip
 
 
 def _federation_settings(fed: Federation, toml: dict) -> list[tuple[str, str]]:
@@ -457,11 +523,12 @@ def render_html(report: Report, out_dir: Path) -> str:
             + "".join(figures) + "</body></html>\n")  # fmt: skip
 
 
-def write_report(run: Path, out: Path | None = None) -> Path:
+def write_report(run: Path, out: Path | None = None, prices: EnergyPrices = NO_PRICES) -> Path:
     """Write the charts and report.html (default `run`/report/report.html; the PNGs go beside
-    the HTML file); returns the HTML file's path."""
+    the HTML file); returns the HTML file's path. `prices` turn measured energy into an
+    estimated cost and CO2e."""
     html_path = out or run / "report" / "report.html"
-    report = build_report(run, html_path.parent)
+    report = build_report(run, html_path.parent, prices)
     tmp = html_path.with_name(html_path.name + ".tmp")
     tmp.write_text(render_html(report, html_path.parent), encoding="utf-8")
     tmp.replace(html_path)

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.store import CheckpointRow, MetricRow, Store, SubmissionRow
+from aggregator.store import (
+    DOWNLOAD_BYTES,
+    GPU_ENERGY,
+    CheckpointRow,
+    MetricRow,
+    Store,
+    SubmissionRow,
+)
 from fedpt import report
 from node.participant import RoundRecord
 from tests.test_cli import SMALL_RUN, fedpt
@@ -74,9 +81,11 @@ SPEC = {"name": "simulation", "inner_steps": 5, "total_rounds": ROUNDS, "outer_o
         "train_config_json": json.dumps({"lr": 0.003})}  # fmt: skip
 
 
-def fake_simulation(run: Path) -> Path:
+def fake_simulation(run: Path, web_joules: float | None = None) -> Path:
     """A `fedpt simulate` run folder with a real aggregator store (made by Store, as the
-    aggregator makes it), node round logs in RoundRecord's own format and a summary.json."""
+    aggregator makes it), node round logs in RoundRecord's own format and a summary.json.
+    Each node pulls 50 kB a round; with `web_joules`, "web" measured that much GPU energy in
+    each round ("apps" never measures)."""
     (run / "aggregator").mkdir(parents=True)
     (run / "aggregator.toml").write_text(
         '[federation]\nname = "simulation"\nrounds = 3\ninner_steps = 5\n'
@@ -107,8 +116,11 @@ def fake_simulation(run: Path) -> Path:
                     f"/up/{n}/{org}",
                     t + 5 + i,
                 ),
-                [MetricRow(n, f"node-{org}", "base_val_loss", loss + 0.2)],
-            )
+                [MetricRow(n, f"node-{org}", "base_val_loss", loss + 0.2)]
+                + ([MetricRow(n, "node-web", GPU_ENERGY, web_joules)]
+                   if web_joules is not None and org == "web" else []),
+            )  # fmt: skip
+            store.add_metrics(fid, [MetricRow(n, f"node-{org}", DOWNLOAD_BYTES, 50_000.0)])
             (run / "nodes" / org).mkdir(parents=True, exist_ok=True)
             with open(run / "nodes" / org / "rounds.jsonl", "a") as f:
                 record = RoundRecord(round=n, version=n, wait_seconds=0.5, pull_seconds=0.2 + i,
@@ -192,7 +204,31 @@ def test_bytes_are_not_invented_when_no_upload_was_recorded(tmp_path: Path) -> N
     store.close()
     html_path = report.write_report(state_dir)
     assert not (html_path.parent / "bytes.png").exists()
-    assert "no upload has completed yet" in html_path.read_text()
+    text = html_path.read_text()
+    assert "no upload has completed and no model was pulled yet" in text
+    assert "Energy per round: not measured" in text and not (html_path.parent / "energy.png").exists()
+
+
+def test_measured_energy_is_charted_priced_and_unmeasured_nodes_are_not_estimated(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "sim"
+    fake_simulation(run, web_joules=36_000.0)  # 10 Wh a round, 1000 tokens each
+    out = tmp_path / "out" / "report.html"
+    proc = fedpt("report", "--run", run, "--out", out, "--price-per-kwh", "0.3",
+                 "--grid-gco2-per-kwh", "400")  # fmt: skip
+    assert proc.stdout.strip() == str(out)
+    assert_self_contained(out, [*FEDERATION_PNGS, "energy.png"])
+    text = out.read_text()
+    # 3 rounds x 10 Wh, web's 3000 tokens only: apps measured nothing and is not estimated
+    assert "0.03 kWh measured; 100,000 tokens/kWh; estimated cost 0.009 EUR; estimated 12 g CO2e" in text
+    assert "In all: web 0.03 kWh." in text and "apps" not in text.split("In all:")[1].split(".")[0]
+    assert "the bytes the aggregator sent each organisation" in text
+
+    fake_simulation(tmp_path / "quiet")  # nobody measured
+    quiet = report.write_report(tmp_path / "quiet")
+    assert "energy</th><td>not measured (no node could measure it" in quiet.read_text()
 
 
 # ---- the command ------------------------------------------------------------------------------
