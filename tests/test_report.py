@@ -206,7 +206,9 @@ def test_bytes_are_not_invented_when_no_upload_was_recorded(tmp_path: Path) -> N
     assert not (html_path.parent / "bytes.png").exists()
     text = html_path.read_text()
     assert "no upload has completed and no model was pulled yet" in text
-    assert "Energy per round: not measured" in text and not (html_path.parent / "energy.png").exists()
+    assert (
+        "Energy per round: not measured" in text and not (html_path.parent / "energy.png").exists()
+    )
 
 
 def test_measured_energy_is_charted_priced_and_unmeasured_nodes_are_not_estimated(
@@ -222,7 +224,10 @@ def test_measured_energy_is_charted_priced_and_unmeasured_nodes_are_not_estimate
     assert_self_contained(out, [*FEDERATION_PNGS, "energy.png"])
     text = out.read_text()
     # 3 rounds x 10 Wh, web's 3000 tokens only: apps measured nothing and is not estimated
-    assert "0.03 kWh measured; 100,000 tokens/kWh; estimated cost 0.009 EUR; estimated 12 g CO2e" in text
+    assert (
+        "0.03 kWh measured; 100,000 tokens/kWh; estimated cost 0.009 EUR; estimated 12 g CO2e"
+        in text
+    )
     assert "In all: web 0.03 kWh." in text and "apps" not in text.split("In all:")[1].split(".")[0]
     assert "the bytes the aggregator sent each organisation" in text
 
