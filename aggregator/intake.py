@@ -28,13 +28,23 @@ from aggregator.errors import (
 )
 from aggregator.round_sum import Member, RoundSum, SpooledUpload
 from aggregator.state import ACCEPTING, RecoveryError, RoundState, Shared
-from aggregator.store import BASE_VAL_LOSS, MetricRow, RoundRow, SubmissionRow
+from aggregator.store import (
+    BASE_VAL_LOSS,
+    CPU_ENERGY,
+    GPU_ENERGY,
+    MetricRow,
+    RoundRow,
+    SubmissionRow,
+)
 from aggregator.uploads import UploadSession
 from protos import crash_points
 from protos import federation_pb2 as pb
 from protos.codec import CodecError, Manifest, payload_digest_of_file
 
 MAX_TOKENS_PER_UPDATE = 10**15
+MAX_ENERGY_JOULES = 1e12  # a node's energy for one round: 1 TJ is a megawatt for 11 days
+# Optional header fields kept with a completed upload as metric rows of the same name.
+ENERGY_FIELDS = (GPU_ENERGY, CPU_ENERGY)
 
 
 class UploadIntake:
@@ -98,6 +108,13 @@ class UploadIntake:
             math.isfinite(header.base_val_loss) and header.base_val_loss >= 0
         ):
             raise InvalidArgument("base_val_loss must be a finite, non-negative number")
+        for field in ENERGY_FIELDS:
+            joules = getattr(header, field)
+            if header.HasField(field) and not (
+                math.isfinite(joules) and 0 <= joules <= MAX_ENERGY_JOULES
+            ):
+                raise InvalidArgument(f"{field} must be a finite number of joules in "
+                                      f"0..{MAX_ENERGY_JOULES:g}")  # fmt: skip
         try:
             manifest = Manifest.from_proto(
                 header.manifest,
@@ -125,6 +142,9 @@ class UploadIntake:
         # A resumed stream may bring the score the first one did not: the newest header's wins.
         if header.HasField("base_val_loss"):
             session.base_val_loss = header.base_val_loss
+        for field in ENERGY_FIELDS:
+            if header.HasField(field):
+                setattr(session, field, getattr(header, field))
         session.streaming = True
         return session
 
@@ -175,6 +195,10 @@ class UploadIntake:
             if session.base_val_loss is not None:
                 scores.append(MetricRow(session.round_number, session.node_id, BASE_VAL_LOSS,
                                         session.base_val_loss))  # fmt: skip
+            for field in ENERGY_FIELDS:
+                joules = getattr(session, field)
+                if joules is not None:
+                    scores.append(MetricRow(session.round_number, session.node_id, field, joules))
             try:
                 s.store_call(s.store.add_submission, s.federation_id, session.round_number, row,
                              scores)  # fmt: skip

@@ -47,6 +47,8 @@ class UploadSession:
         self.node_id, self.round_number = node_id, round_number
         self.manifest, self.weight, self.train_loss = manifest, weight, train_loss
         self.base_val_loss: float | None = None  # the node's score of the round's base model
+        self.gpu_energy_joules: float | None = None  # the round's energy, as the node measured it
+        self.cpu_energy_joules: float | None = None
         self.round_sum = round_sum
         self.verifier = ChunkVerifier(manifest)
         self.spool_dir = spool_dir

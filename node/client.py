@@ -244,6 +244,8 @@ class AggregatorClient:
         *,
         chunk_bytes: int | None = None,
         base_val_loss: float | None = None,
+        gpu_energy_joules: float | None = None,
+        cpu_energy_joules: float | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> pb.PushReply:
         """Send this round's delta as fp32 tensors (see `push_payload`)."""
@@ -251,7 +253,8 @@ class AggregatorClient:
             delta, chunk_bytes or (self.spec.chunk_bytes if self.spec else DEFAULT_CHUNK_BYTES)
         )
         return self.push_payload(round_number, base_version, payload, num_tokens, train_loss,
-                                 base_val_loss=base_val_loss, progress=progress)  # fmt: skip
+                                 base_val_loss=base_val_loss, gpu_energy_joules=gpu_energy_joules,
+                                 cpu_energy_joules=cpu_energy_joules, progress=progress)  # fmt: skip
 
     def push_payload(
         self,
@@ -262,16 +265,22 @@ class AggregatorClient:
         train_loss: float,
         *,
         base_val_loss: float | None = None,
+        gpu_energy_joules: float | None = None,
+        cpu_energy_joules: float | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> pb.PushReply:
         """Send an encoded update; after a broken stream, ask where the server is and resume.
         `base_val_loss`: this node's validation loss of the model it trained from.
+        `gpu_energy_joules`, `cpu_energy_joules`: the round's energy (node/energy.py); None:
+        not measured, and not sent.
         `progress(n)` after each chunk handed to the transport."""
         first = 0
         for attempt in range(1, self.attempts + 1):
             header = pb.UpdateHeader(round=round_number, base_version=base_version,
                                      num_tokens=num_tokens, train_loss=train_loss,
-                                     base_val_loss=base_val_loss)  # fmt: skip
+                                     base_val_loss=base_val_loss,
+                                     gpu_energy_joules=gpu_energy_joules,
+                                     cpu_energy_joules=cpu_energy_joules)  # fmt: skip
             try:
                 reply = self.stub.PushUpdate(
                     _counting_chunks(update_messages(header, payload, first), progress),

@@ -129,7 +129,8 @@ def take_part(settings: Mapping[str, object], order: Order) -> dict:
                "tokens": last["tokens"], "pushed": float(last["pushed"]),
                "pull-seconds": last["pull_seconds"], "train-seconds": last["train_seconds"],
                "push-seconds": last["push_seconds"]}  # fmt: skip
-    for key in ("train_loss", "base_val_loss"):  # absent or NaN: a round left unpulled
+    # Absent or NaN: a round left unpulled, or energy not measured.
+    for key in ("train_loss", "base_val_loss", "gpu_energy_joules", "cpu_energy_joules"):
         if last.get(key) is not None and math.isfinite(last[key]):
             metrics[key.replace("_", "-")] = last[key]
     return {k: float(v) for k, v in metrics.items()}

@@ -40,6 +40,7 @@ from model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from model.train_config import TrainConfig
 from node.checkpoint import latest_checkpoint, prune_checkpoints
 from node.client import AggregatorClient
+from node.energy import POWERCAP_ROOT, EnergyMeter, RoundEnergy
 from node.local_training import load_splits
 from node.metrics import MetricsLog
 from node.parallel import DistEnv, Launch, barrier, broadcast_bytes, broadcast_tensors
@@ -137,6 +138,9 @@ class NodeConfig:
     # 0: off. Loopback by default: a node's numbers describe its private training run.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # The CPU packages' RAPL energy counters (node/energy.py): where this host's powercap
+    # folder is seen (a container may mount the host's /sys elsewhere).
+    powercap_root: str = str(POWERCAP_ROOT)
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -211,6 +215,9 @@ class RoundRecord:
     tokens: int
     pushed: bool
     base_val_loss: float | None = None  # the pulled global model on the validation split
+    # Joules from the pull until the update was encoded (node/energy.py); None: not measured.
+    gpu_energy_joules: float | None = None
+    cpu_energy_joules: float | None = None
 
 
 class Participant:
@@ -260,6 +267,11 @@ class Participant:
             self.prometheus = NodeMetrics()
             port = self.prometheus.serve(cfg.metrics_port, cfg.metrics_host)
             self.log(f"Prometheus metrics on http://{cfg.metrics_host}:{port}/metrics")
+        self.energy: EnergyMeter | None = None  # rank 0: its host's GPUs and CPU packages
+        if env.is_main:
+            self.energy = EnergyMeter(powercap_root=cfg.powercap_root, log=self.log)
+            hosts = " (host 0's only)" if cfg.nnodes > 1 else ""
+            self.log(self.energy.describe() + hosts)
 
     # ---- set-up -------------------------------------------------------------------------------
     def _join(self) -> pb.FederationSpec:
@@ -370,6 +382,8 @@ class Participant:
             self.rounds_log.close()
             if self.prometheus is not None:
                 self.prometheus.stop()
+            if self.energy is not None:
+                self.energy.close()
             if self.client is not None:
                 self.client.close()
 
@@ -431,17 +445,19 @@ class Participant:
     def _local_round(
         self, trainer: Trainer, spec: pb.FederationSpec, round_number: int, version: int,
         global_weights: dict[str, torch.Tensor],
-    ) -> tuple[float, float | None]:  # fmt: skip
+    ) -> tuple[float, float | None, RoundEnergy | None]:  # fmt: skip
         """Train the round's H inner steps from the global model, and keep the result so that a
         restarted process can push it without training again; (the mean training loss, the
-        global model's validation loss before training). The data position and schedule follow
+        global model's validation loss before training, the energy kept with a round trained
+        before a restart: None when trained now). The data position and schedule follow
         the model version, so training a version again (after a restart or a failed round)
         repeats the same steps exactly."""
         kept = self.trained
         self.trained = None
         if kept is not None and (kept["round"], kept["version"]) == (round_number, version):
             self.log(f"round {round_number}: pushing the update trained before the restart")
-            return float(kept["train_loss"]), kept.get("base_val_loss")
+            energy = RoundEnergy(kept.get("gpu_energy_joules"), kept.get("cpu_energy_joules"))
+            return float(kept["train_loss"]), kept.get("base_val_loss"), energy
         if version in self.trained_versions:
             self._state_before(trainer, version)  # that round failed: this one replaces it
         trainer.load_global(global_weights)
@@ -461,12 +477,15 @@ class Participant:
         train_loss = sum(losses) / len(losses)
         self.trained_versions.add(version)
         if self.cfg.save_round_state:
+            energy = self.energy.read() if self.energy is not None else RoundEnergy()
             kept = {"federation": self.federation_id, "round": round_number, "version": version,
-                    "train_loss": train_loss, "base_val_loss": base_val_loss}  # fmt: skip
+                    "train_loss": train_loss, "base_val_loss": base_val_loss,
+                    "gpu_energy_joules": energy.gpu_joules,
+                    "cpu_energy_joules": energy.cpu_joules}  # fmt: skip
             trainer.save_checkpoint(kept)
             if self.env.is_main:  # the last two: this round's, and the state before it
                 prune_checkpoints(trainer.checkpoint_root(), keep_latest=2)
-        return train_loss, base_val_loss
+        return train_loss, base_val_loss, None
 
     def _state_before(self, trainer: Trainer, version: int) -> None:
         """Go back to the inner state this node had before it first trained `version` (whose
@@ -540,13 +559,15 @@ class Participant:
         self, trainer: Trainer, spec: pb.FederationSpec, round_number: int, version: int
     ) -> RoundRecord:
         t0 = time.perf_counter()
+        if self.energy is not None:
+            self.energy.start()
         global_weights = self._pull(round_number, version)
         if global_weights is None:  # the round moved on while this node was away
             self.left_rounds.add(round_number)
             return RoundRecord(round_number, version, 0.0, time.perf_counter() - t0, 0.0, 0.0,
                                math.nan, 0, False)  # fmt: skip
         t1 = time.perf_counter()
-        train_loss, base_val_loss = self._local_round(
+        train_loss, base_val_loss, kept_energy = self._local_round(
             trainer, spec, round_number, version, global_weights
         )
         t2 = time.perf_counter()
@@ -555,7 +576,9 @@ class Participant:
         pushed = True
         if self.env.is_main:
             delta = pseudo_gradient(global_weights, local)
-            pushed = self._push(round_number, version, delta, tokens, train_loss, base_val_loss)
+            pushed = self._push(round_number, version, delta, tokens, train_loss, base_val_loss,
+                                kept_energy)  # fmt: skip
+        energy = self._round_energy(kept_energy)  # as pushed; stopped here if nothing was
         barrier(self.env)
         t3 = time.perf_counter()
         scored = (
@@ -567,7 +590,15 @@ class Participant:
             f"{t3 - t2:.1f}s"
         )
         return RoundRecord(round_number, version, 0.0, t1 - t0, t2 - t1, t3 - t2, train_loss,
-                           tokens, pushed, base_val_loss)  # fmt: skip
+                           tokens, pushed, base_val_loss, energy.gpu_joules,
+                           energy.cpu_joules)  # fmt: skip
+
+    def _round_energy(self, kept: RoundEnergy | None) -> RoundEnergy:
+        """The round's energy: kept with a round trained before a restart, else measured from
+        its start until now, or until the first call after it (rank 0; not measured elsewhere)."""
+        if kept is not None:
+            return kept
+        return self.energy.stop() if self.energy is not None else RoundEnergy()
 
     # ---- the end of the federation ---------------------------------------------------------------
     def _finish(self, trainer: Trainer, spec: pb.FederationSpec, version: int) -> None:
@@ -711,7 +742,7 @@ class Participant:
 
     def _push(
         self, round_number: int, version: int, delta: dict, tokens: int, loss: float,
-        base_val_loss: float | None = None,
+        base_val_loss: float | None = None, kept_energy: RoundEnergy | None = None,
     ) -> bool:  # fmt: skip
         if self.cfg.save_deltas:
             path = self.work_dir / "deltas" / f"round_{round_number:08d}.safetensors"
@@ -722,6 +753,7 @@ class Participant:
             return False
         try:
             payload = self._encode(round_number, version, delta, tokens)
+            energy = self._round_energy(kept_energy)  # the round's local work ends here
             manifest = payload.manifest
             with transfer_bar(f"round {round_number} push", manifest.total_bytes,
                               manifest.chunk_bytes) as on_chunks:  # fmt: skip
@@ -733,6 +765,7 @@ class Participant:
                 self._reconnecting(
                     lambda: self.client.push_payload(
                         round_number, version, payload, tokens, loss, base_val_loss=base_val_loss,
+                        gpu_energy_joules=energy.gpu_joules, cpu_energy_joules=energy.cpu_joules,
                         progress=progress,
                     ),
                     "push",

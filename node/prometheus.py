@@ -41,6 +41,12 @@ class NodeMetrics(MetricsEndpoint):
         )  # fmt: skip
         for phase in PHASES:
             self.phase.labels(phase=phase)
+        self.energy = {
+            kind: Counter(f"fedpt_node_{kind}_energy_joules",
+                          f"Joules of this host's {what} in the rounds trained, where measured "
+                          "(node/energy.py)", registry=r)
+            for kind, what in (("gpu", "GPUs (NVML)"), ("cpu", "CPU packages (RAPL)"))
+        }  # fmt: skip
         self.model_version = Gauge(
             "fedpt_node_model_version", "The global model version the last round trained from",
             registry=r,
@@ -54,6 +60,10 @@ class NodeMetrics(MetricsEndpoint):
     def _record(self, record, inner_steps: int, mfu: float | None) -> None:
         self.rounds.inc()
         self.model_version.set(record.version)
+        for kind, counter in self.energy.items():
+            joules = getattr(record, f"{kind}_energy_joules", None)
+            if joules is not None and math.isfinite(joules) and joules >= 0:
+                counter.inc(joules)
         for phase in PHASES:
             seconds = getattr(record, f"{phase}_seconds")
             if math.isfinite(seconds) and seconds >= 0:
