@@ -23,15 +23,18 @@ SETTINGS = Settings(secure=False, rounds=25, min_nodes=2, round_timeout=6.0)
 class Script:
     """What the test does as rounds go by: start C once version 1 is committed, with A and B
     paused until it has joined (a node takes seconds to start; rounds a fraction of one, and
-    the federation would be over); freeze it as
-    soon as its first update is accepted (rounds take a fraction of a second, so it is still
-    counted as ready and is made a participant of the next round), and let it go once that
-    round has closed."""
+    the federation would be over); freeze it as soon as an update of its is accepted (rounds
+    take a fraction of a second, so it is usually still counted as ready and made a participant
+    of the next round), and let it go once a round it was a participant of has closed without
+    it. On a busy machine its last poll may be too long ago by then (a node counts as ready for
+    long_poll_seconds + 2 s after it polled), and the next round starts without it: then it is
+    let go, and frozen again after its next accepted update."""
 
     def __init__(self) -> None:
         self.phase = "wait-for-version-1"
         self.joined_after_version = -1
         self.first_round = -1
+        self.after = -1  # the round of its latest accepted update before the freeze
         self.frozen_round = -1
 
     def __call__(self, fed: FaultyFederation) -> None:
@@ -46,19 +49,26 @@ class Script:
         elif self.phase == "wait-for-join" and C in fed.organisations():
             for org in (A, B):
                 fed.signal(org, signal.SIGCONT)
-            self.phase = "wait-for-first-update"
-        elif self.phase == "wait-for-first-update":
-            mine = [r[0] for r in rounds if C in r[4] and C in fed.uploaders(r[0])]
+            self.phase = "wait-for-an-update"
+        elif self.phase == "wait-for-an-update":
+            mine = [
+                r[0] for r in rounds if r[0] > self.after and C in r[4] and C in fed.uploaders(r[0])
+            ]
             if mine:
                 fed.signal(C, signal.SIGSTOP)
-                self.first_round = mine[0]
+                self.first_round = mine[0] if self.first_round < 0 else self.first_round
+                self.after = mine[-1]
                 self.phase = "frozen"
         elif self.phase == "frozen":
             # (It may have squeezed one more round in before it stopped: not that one.)
-            closed = [r[0] for r in rounds if r[0] > self.first_round and C in r[4]
-                      and r[1] in ("COMMITTED", "FAILED") and C not in fed.uploaders(r[0])]  # fmt: skip
-            if closed:
-                self.frozen_round = closed[0]
+            later = [r for r in rounds if r[0] > self.after and r[1] != "OPEN"  # started
+                     and C not in fed.uploaders(r[0])]  # fmt: skip
+            if later and C not in later[0][4]:  # its readiness lapsed: the round went on without it
+                fed.signal(C, signal.SIGCONT)
+                self.after = later[0][0]
+                self.phase = "wait-for-an-update"
+            elif later and later[0][1] in ("COMMITTED", "FAILED"):
+                self.frozen_round = later[0][0]
                 fed.signal(C, signal.SIGCONT)
                 self.phase = "released"
 
