@@ -140,6 +140,7 @@ def main() -> None:
 
     ratios = [f / b for f, b in zip(fedpt_rates, bare_rates, strict=True)]
     watched = [w / b for w, b in zip(watched_rates, bare_rates, strict=True)]
+    cost = [w / f for w, f in zip(watched_rates, fedpt_rates, strict=True)]
     print(f"preset {args.preset} ({model_config.num_params() / 1e6:.2f}M params), {tokens_per_step} tokens/step, "
           f"{torch.get_num_threads()} threads, {args.repeats} alternating repetitions of {args.steps} steps")  # fmt: skip
     print_table(
@@ -160,6 +161,8 @@ def main() -> None:
     print(f"ratio watched (progress bar on a terminal + metrics endpoint)/bare: median "
           f"{median(watched):.3f} (pairwise), {median(watched_rates) / median(bare_rates):.3f} "
           "(of medians); target >= 0.97")  # fmt: skip
+    print(f"ratio watched/unwatched fedpt trainer (the cost of watching alone): median "
+          f"{median(cost):.3f} (pairwise)")  # fmt: skip
 
 
 if __name__ == "__main__":

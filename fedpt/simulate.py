@@ -238,7 +238,8 @@ class Simulation:
 
     def _make_pki(self) -> None:
         """A throwaway federation CA and a startup kit for the aggregator, every node, and this
-        process (whose kit only asks the health service)."""
+        process: an operator's kit, which asks the health service and lets the user watch the
+        run with fedpt status --aggregator."""
         pki_dir = self.run / "pki"
         pki.init_ca(pki_dir / "ca", "fedpt simulation CA (throwaway)")
         pki.issue_kit(
@@ -247,7 +248,7 @@ class Simulation:
         for name, _ in self.sources:
             pki.issue_kit(pki_dir / "ca", name, pki_dir / name)
         self.monitor_kit = pki.load_kit(
-            pki.issue_kit(pki_dir / "ca", "simulator", pki_dir / "simulator")
+            pki.issue_kit(pki_dir / "ca", "simulator", pki_dir / "simulator", operator=True)
         )
 
     def _wait_healthy(
@@ -335,7 +336,9 @@ class Simulation:
                     "--work-dir", str(self.run / "nodes" / name), "--nproc-per-node", str(self.opts.nproc_per_node)]  # fmt: skip
             proc, log_path = self._spawn(args, f"node-{name}")
             nodes.append(NodeProcess(name, source, proc, log_path))
-        self.log(f"simulation: aggregator on {address}, {len(nodes)} nodes, run folder {self.run}")
+        self.log(f"simulation: aggregator on {address}, {len(nodes)} nodes, run folder {self.run}; "
+                 f"watch it with: fedpt status --aggregator {address} --kit "
+                 f"{self.run / 'pki' / 'simulator'} --watch")  # fmt: skip
         return self._watch(aggregator, agg_log, nodes, val_sets)
 
     def _run_on_flower(self, config_path: Path, address: str, val_sets: list[TokenShards]) -> dict:

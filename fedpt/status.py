@@ -119,13 +119,21 @@ def _ago(then: float, now: float) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def summary_lines(f: pb.FederationStatus, prices: EnergyPrices = NO_PRICES) -> list[str]:
     """The federation's and its round's state, and its energy, one line each."""
     now = f.as_of
     rounds = f"{f.model_version}/{f.total_rounds}" if f.total_rounds else f"{f.model_version}"
     pace = (f"{f.rounds_per_hour:.1f} rounds/h" if f.HasField("rounds_per_hour")
             else "pace n/a (fewer than 2 committed rounds)")  # fmt: skip
-    eta = f", ETA {f.eta_seconds / 60:.0f} min" if f.HasField("eta_seconds") else ""
+    eta = f", ETA {_duration(f.eta_seconds)}" if f.HasField("eta_seconds") else ""
     deadline = ""
     if f.round_deadline and f.round_state in ACCEPTING:
         deadline = f", deadline in {max(0.0, f.round_deadline - now):.0f} s"

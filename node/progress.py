@@ -28,6 +28,7 @@ from rich.progress import (
 )
 
 DISABLE_ENV = "FEDPT_NO_PROGRESS"
+REFRESH_PER_SECOND = 2
 
 
 def progress_enabled(stream: IO | None = None) -> bool:
@@ -85,7 +86,10 @@ def _bar(
     if console is None and not (enabled and progress_enabled()):
         yield Bar(None, description, total)
         return
-    progress = Progress(*(c() for c in columns), console=console, transient=transient)
+    # Redrawn twice a second, not rich's default 10: the redraw thread competes with training
+    # for the cores (bench/trainer_throughput.py measures the bar's cost).
+    progress = Progress(*(c() for c in columns), console=console, transient=transient,
+                        refresh_per_second=REFRESH_PER_SECOND)  # fmt: skip
     try:
         progress.start()
     except LiveError:  # another bar is already live: this one stays silent
