@@ -198,13 +198,14 @@ class Committer:
             rows.append(MetricRow(r.number, sub.node_id, "num_tokens", float(sub.num_tokens)))
         rows.append(MetricRow(r.number, None, "nodes", float(len(job.completed))))
         rows.append(MetricRow(r.number, None, "round_seconds", now - (r.started_at or now)))
-        return rows
+        return rows + self.shared.downloads.rows(r.number)
 
     def _install(self, model: GlobalModel) -> None:
         """Serve the committed version and move on to the next round. Caller holds the lock."""
         s = self.shared
         next_round = s.store.current_round(s.federation_id)  # may fail: then nothing changes
         s.model = model
+        s.downloads.forget_through(s.round.number)
         self.round_ended()
         self.intake.end_round()
         s.secagg = None

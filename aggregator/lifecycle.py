@@ -260,7 +260,9 @@ class RoundLifecycle:
     def fail_round(self, outcome: str) -> None:
         s = self.shared
         r = s.round
-        s.store_call(s.store.fail_round, s.federation_id, r.number, outcome)
+        s.store_call(s.store.fail_round, s.federation_id, r.number, outcome,
+                     s.downloads.rows(r.number))  # fmt: skip
+        s.downloads.forget_through(r.number)
         s.metrics.round_ended("failed", r.started_at, s.clock())
         self.committer.round_ended()
         s.log(f"round {r.number}: failed ({outcome}); the next round starts from version "

@@ -38,7 +38,7 @@ from aggregator.membership import Membership, token_digest
 from aggregator.secure_aggregation import SecAggRound
 from aggregator.state import ACCEPTING, GlobalModel, RecoveryError, RoundState, Shared
 from aggregator.status_records import read_federation, size
-from aggregator.store import DOWNLOAD_BYTES, MetricRow, NodeRow, RoundRow, Store
+from aggregator.store import NodeRow, RoundRow, Store
 from aggregator.uploads import UploadSession
 from protos import federation_pb2 as pb
 from protos.codec import EncodedPayload, SpooledPayload, TensorSpec
@@ -248,17 +248,10 @@ class Coordinator:
         self._pulls[node_id] = (version, sent)  # one dict store: no lock needed
 
     def downloaded(self, node_id: str, nbytes: int) -> None:
-        """A pull stream ended after `nbytes`: recorded against the current round, outside the
-        lock. A metric: a failure to record it is logged, never the node's problem."""
+        """A pull stream ended after `nbytes`: tallied against the current round, recorded
+        when the round ends (aggregator/traffic.py)."""
         self._pulls.pop(node_id, None)
-        if nbytes <= 0:
-            return
-        s = self.shared
-        try:
-            s.store.add_metrics(s.federation_id, [MetricRow(s.round.number, node_id,
-                                                            DOWNLOAD_BYTES, float(nbytes))])  # fmt: skip
-        except Exception as e:
-            self.log(f"download of {nbytes} bytes to {node_id} not recorded: {e}")
+        self.shared.downloads.add(self.shared.round.number, node_id, nbytes)
 
     def federation_status(self) -> pb.FederationStatus:
         """The records' view of this federation, plus what only this process's memory holds:
@@ -270,8 +263,11 @@ class Coordinator:
             status.live, status.as_of = True, s.clock()
             ready, sessions = dict(self.lifecycle.ready), dict(self.intake.sessions)
             completed = set(self.intake.completed)
+            open_round = s.round.number
+        sent = s.downloads.of_round(open_round)  # not recorded until the round ends
         for node in status.nodes:
             node.last_call = ready.get(node.node_id, 0.0)
+            node.downloaded_bytes += sent.get(node.node_id, 0)
             session, pull = sessions.get(node.node_id), self._pulls.get(node.node_id)
             if session is not None and node.node_id not in completed:
                 received = session.added_bytes

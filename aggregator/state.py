@@ -26,6 +26,7 @@ from aggregator.errors import Unavailable
 from aggregator.metrics import AggregatorMetrics
 from aggregator.secure_aggregation import SecAggRound
 from aggregator.store import RoundRow, Store, StoreError
+from aggregator.traffic import DownloadTally
 from model.train_config import TrainConfig
 from protos import federation_pb2 as pb
 from protos.codec import EncodedPayload, Manifest, SpooledPayload, TensorSpec, encode, specs_of
@@ -102,6 +103,7 @@ class Shared:
         self.secagg: SecAggRound | None = None  # this round's secure aggregation, when on
         # Prometheus metrics of this process (aggregator/metrics.py): hooks that never raise.
         self.metrics = AggregatorMetrics()
+        self.downloads = DownloadTally()  # bytes sent per round and node, until the round ends
 
     @property
     def secure(self) -> bool:

@@ -82,7 +82,7 @@ BASE_VAL_LOSS = "base_val_loss"
 # The energy a node measured for a round's local work, in joules (absent: not measured).
 GPU_ENERGY = "gpu_energy_joules"
 CPU_ENERGY = "cpu_energy_joules"
-# Bytes of model and outer update sent to a node during a round (one row per pull stream).
+# Bytes of model and outer update sent to a node during a round (aggregator/traffic.py).
 DOWNLOAD_BYTES = "download_bytes"
 
 
@@ -307,11 +307,14 @@ class Store:
             else:
                 s.get_one(schema.Federation, federation_id).status = "finished"
 
-    def fail_round(self, federation_id: str, number: int, outcome: str) -> None:
+    def fail_round(self, federation_id: str, number: int, outcome: str,
+                   metrics: Iterable[MetricRow] = ()) -> None:  # fmt: skip
         """The round ends without a commit; the next one starts from the same model."""
         with self._transaction() as s:
             row = self._round_row(s, federation_id, number)
             row.state, row.outcome, row.finished_at = "FAILED", outcome, time.time()
+            now = time.time()
+            s.add_all(_metric(federation_id, m, now) for m in metrics)
             s.add(schema.Round(federation_id=federation_id, number=number + 1, state="OPEN",
                                base_version=row.base_version))  # fmt: skip
 
@@ -375,12 +378,6 @@ class Store:
             return CheckpointRow(
                 row.version, row.round_number, row.path, row.sha256, row.nbytes, row.created_at
             )
-
-    def add_metrics(self, federation_id: str, metrics: Iterable[MetricRow]) -> None:
-        """Record metrics measured outside a round's commit (e.g. a finished download)."""
-        with self._transaction() as s:
-            now = time.time()
-            s.add_all(_metric(federation_id, m, now) for m in metrics)
 
     def metrics(self, federation_id: str) -> list[MetricRow]:
         with self._transaction() as s:

@@ -120,7 +120,6 @@ def fake_simulation(run: Path, web_joules: float | None = None) -> Path:
                 + ([MetricRow(n, "node-web", GPU_ENERGY, web_joules)]
                    if web_joules is not None and org == "web" else []),
             )  # fmt: skip
-            store.add_metrics(fid, [MetricRow(n, f"node-{org}", DOWNLOAD_BYTES, 50_000.0)])
             (run / "nodes" / org).mkdir(parents=True, exist_ok=True)
             with open(run / "nodes" / org / "rounds.jsonl", "a") as f:
                 record = RoundRecord(round=n, version=n, wait_seconds=0.5, pull_seconds=0.2 + i,
@@ -128,6 +127,7 @@ def fake_simulation(run: Path, web_joules: float | None = None) -> Path:
                                      tokens=1000, pushed=True, base_val_loss=loss + 0.2)  # fmt: skip
                 f.write(json.dumps(dataclasses.asdict(record)) + "\n")
         metrics = [MetricRow(n, f"node-{o}", "train_loss", 3.0 - 0.3 * n) for o in ORGS]
+        metrics += [MetricRow(n, f"node-{o}", DOWNLOAD_BYTES, 50_000.0) for o in ORGS]
         store.commit_round(fid, n, CheckpointRow(n + 1, n, f"/ck/v{n + 1}", "c" * 64, 10, t + 8),
                            metrics, open_next=n + 1 < ROUNDS)  # fmt: skip
         summary_rounds.append({"round": n, "state": "COMMITTED", "val_loss": 2.9 - 0.3 * n})
