@@ -1,7 +1,8 @@
 """`aggregator.toml`: typed sections, unknown keys are an error, flags override.
 
 [server]      where and how the gRPC service listens
-[federation]  what is trained: name, rounds, H inner steps, seed, delta encoding
+[federation]  what is trained: name, rounds, H inner steps, seed, delta encoding, the data
+              curation nodes must have applied
 [model]       preset = "tiny" plus any ModelConfig field
 [train]       the nodes' inner-loop TrainConfig fields (sent to every node at Join)
 [round]       quorum, participants per round, deadline
@@ -140,8 +141,17 @@ class FederationConfig:
     # How nodes holding the previous version receive the next: fp32 = the whole model; bf16 or
     # int8 = the compressed outer update, which then defines the new model (aggregator/downloads.py).
     download_encoding: str = "int8"
+    # Join refuses nodes whose shards were not curated with this configuration: its sha256
+    # (node/curation_config.py), as a curated shard folder's train/manifest.json records it
+    # ("curation": {"sha256": ...}). Empty: any data, curated or not.
+    require_curation: str = ""
 
     def __post_init__(self) -> None:
+        if self.require_curation and not is_sha256(self.require_curation):
+            raise AggregatorConfigError(
+                "[federation] require_curation must be a curation configuration's sha256 "
+                f"(64 lowercase hex digits) or empty, not {self.require_curation[:80]!r}"
+            )
         if not self.name or len(self.name) > 100:
             raise AggregatorConfigError("[federation] name must be 1 to 100 characters")
         if self.rounds < 0 or self.inner_steps <= 0:
@@ -154,6 +164,11 @@ class FederationConfig:
             raise AggregatorConfigError(
                 f"[federation] download_encoding must be one of {', '.join(PLAIN_ENCODINGS)}"
             )
+
+
+def is_sha256(text: str) -> bool:
+    """64 lowercase hex digits, as hashlib's hexdigest() writes them."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,11 @@ from protos import federation_pb2 as pb
 # chunk_bytes: spooled uploads are checked on restart by the root over their chunks' sha256s.
 # inner_steps, train_config_json: nodes read them at Join, and certified nodes do not join
 # again after a restart: they would go on training with the old ones.
+# required_curation_sha256: checked only at Join, so for the same reason a new value would not
+# reach the nodes already in, and the model would mix data curated both ways.
 FROZEN_SPEC_FIELDS = ("model_config_json", "tokenizer_json", "outer_optimizer", "delta_encoding",
-                      "download_encoding", "chunk_bytes", "inner_steps", "train_config_json")  # fmt: skip
+                      "download_encoding", "chunk_bytes", "inner_steps", "train_config_json",
+                      "required_curation_sha256")  # fmt: skip
 
 
 def build_spec(
@@ -51,6 +54,7 @@ def build_spec(
         total_rounds=config.federation.rounds,
         delta_encoding=config.delta_encoding,
         download_encoding=config.federation.download_encoding,
+        required_curation_sha256=config.federation.require_curation,
     )
 
 

@@ -1,7 +1,8 @@
 """Who may call: organisations join, get a node id and a session token, and are recognised by
 that token (--insecure) or by their certified organisation name (mutual TLS). Under a scheduler
 (Flower), `admissions` also asks each Join for the token of the message that asked the node in
-(aggregator/admissions.py).
+(aggregator/admissions.py). A federation that requires a data curation configuration refuses
+a node whose shards were curated otherwise (only its hash and counts travel: no text).
 
 Its own lock, not the round's: a Join never waits for round work, and round work only asks how
 many nodes joined. The lock is held across the node's database upsert so that the token cache
@@ -16,14 +17,54 @@ import threading
 import uuid
 
 from aggregator.admissions import Admissions
-from aggregator.errors import InvalidArgument, Unauthenticated
+from aggregator.config import is_sha256
+from aggregator.errors import InvalidArgument, Refused, Unauthenticated
 from aggregator.state import Shared
 from aggregator.store import NodeRow
+from node.curation_config import NO_CURATION
+from protos import federation_pb2 as pb
 from protos import pki
+
+# The removal counts are stored with the node's capabilities: bounded so that they stay within
+# a few KiB (32 × (64-character name + a 20-digit count)) whatever a node sends.
+MAX_CURATION_REMOVALS = 32
+MAX_CURATION_NAME_CHARS = 64
 
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def curation_record(curation: pb.DataCuration | None) -> dict:
+    """A Join's curation as stored with the node's capabilities; absent or empty: "none"."""
+    if curation is None:
+        curation = pb.DataCuration()
+    digest = curation.sha256 or NO_CURATION
+    if digest != NO_CURATION and not is_sha256(digest):
+        raise InvalidArgument(f"curation sha256 must be 64 lowercase hex digits or "
+                              f"{NO_CURATION!r}, not {digest[:80]!r}")  # fmt: skip
+    removed = dict(curation.removed)
+    if len(removed) > MAX_CURATION_REMOVALS or any(
+        not name or len(name) > MAX_CURATION_NAME_CHARS for name in removed
+    ):
+        raise InvalidArgument(f"curation removed counts: at most {MAX_CURATION_REMOVALS} names "
+                              f"of 1 to {MAX_CURATION_NAME_CHARS} characters")  # fmt: skip
+    if curation.documents_kept > curation.documents_in:
+        raise InvalidArgument("curation documents_kept exceeds documents_in")
+    return {"sha256": digest, "documents_in": curation.documents_in,
+            "documents_kept": curation.documents_kept, "removed": removed}  # fmt: skip
+
+
+def check_curation(required: str, digest: str) -> None:
+    """Refuse a node whose shards were not curated with the `required` configuration."""
+    if not required or digest == required:
+        return
+    theirs = "no curation" if digest == NO_CURATION else f"configuration {digest[:12]}…"
+    raise Refused(
+        f"this federation requires shards curated with configuration {required[:12]}… "
+        "(fedpt data prepare --curation FILE, or fedpt node join --curation FILE); this node's "
+        f"were prepared with {theirs}: prepare them with the federation's curation config"
+    )
 
 
 class Membership:
@@ -35,13 +76,17 @@ class Membership:
         self._registered: set[str] | None = None  # every node id in the store, read once
         self.admissions: Admissions | None = None  # set when a scheduler decides who joins
 
-    def join(self, organisation: str, capabilities: dict,
-             admission_token: str = "") -> tuple[NodeRow, str]:  # fmt: skip
+    def join(self, organisation: str, capabilities: dict, admission_token: str = "",
+             curation: pb.DataCuration | None = None) -> tuple[NodeRow, str]:  # fmt: skip
         # One rule for every organisation name: the one its certificate was issued under.
         try:
             pki.check_organisation(organisation or "")
         except pki.PKIError as e:
             raise InvalidArgument(str(e)) from e
+        curated = curation_record(curation)
+        # Before the admission token is spent or anything stored: a refusal changes nothing.
+        check_curation(self.shared.spec.required_curation_sha256, curated["sha256"])
+        capabilities = {**capabilities, "curation": curated}
         if self.admissions is not None:  # before anything is stored: a refusal changes nothing
             self.admissions.admit(admission_token, organisation)
         s = self.shared

@@ -145,9 +145,9 @@ class Coordinator:
         return self.lifecycle.weight_unit
 
     # ---- nodes --------------------------------------------------------------------------------
-    def join(self, organisation: str, capabilities: dict,
-             admission_token: str = "") -> tuple[NodeRow, str]:  # fmt: skip
-        return self.membership.join(organisation, capabilities, admission_token)
+    def join(self, organisation: str, capabilities: dict, admission_token: str = "",
+             curation: pb.DataCuration | None = None) -> tuple[NodeRow, str]:  # fmt: skip
+        return self.membership.join(organisation, capabilities, admission_token, curation)
 
     def require_admission(self) -> Admissions:
         """From now on a Join needs a token from the returned Admissions (a scheduler's)."""

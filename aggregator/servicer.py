@@ -142,8 +142,9 @@ class FederationServicer(pb_grpc.FederationServicer):
             else contextlib.nullcontext()
         )
         with limit:
+            curation = request.curation if request.HasField("curation") else None
             node, token = self.coordinator.join(organisation, capabilities,
-                                                request.admission_token)  # fmt: skip
+                                                request.admission_token, curation)  # fmt: skip
         return pb.JoinReply(node_id=node.id, session_token=token, spec=self.coordinator.spec)
 
     @_answer_refusals

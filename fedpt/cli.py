@@ -45,9 +45,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from model.hf import HFFormatError
     from model.train_config import TrainConfigError
     from node.corpus import DataError
+    from node.curation_config import CurationConfigError
     from node.parallel import LaunchError
     from node.participant import AggregatorUnreachable, FederationMismatch, NodeConfigError
     from node.personalise import PersonaliseError
+    from node.quality import CurationUnavailable
     from node.round_order import ModelMismatch
     from node.trainer import TrainingError
     from protos.pki import PKIError
@@ -56,7 +58,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
             AggregatorConfigError, RecoveryError, StoreError, OSError, NodeConfigError,
             FederationMismatch, SimulationError, PKIError, LaunchError, PersonaliseError,
             AggregatorUnreachable, ModelMismatch, HFFormatError, StatusError,
-            crash_points.CrashPointError)  # fmt: skip
+            crash_points.CrashPointError, CurationConfigError, CurationUnavailable)  # fmt: skip
 
 
 # ---- ranks and hosts (torchrun) ---------------------------------------------------------------
@@ -118,6 +120,10 @@ TRAIN_FLAGS: dict[str, tuple[type, str]] = {
 }
 
 
+CURATION_HELP = ("TOML with a [curation] table: deduplicate, scrub PII and filter the documents "
+                 "before packing (see node/curation_config.py)")  # fmt: skip
+
+
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on one corpus (the centralized baseline)")
     p.add_argument(
@@ -139,6 +145,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokenizer", help="BPE tokenizer JSON from `fedpt tokenizer train` (default: bytes)"
     )
+    p.add_argument("--curation", type=Path, default=None, help=CURATION_HELP)
     for name, (kind, text) in TRAIN_FLAGS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=text)
     p.add_argument(
@@ -230,22 +237,29 @@ def check_init_from(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from node.curation_config import load_curation_config
     from node.parallel import Launch
 
     launch = Launch(**launch_flags(args))
     model_config, train_config = load_train_configs(args)
+    curation = load_curation_config(args.curation) if args.curation else None
     if args.init_from is not None:
         check_init_from(args)
         model_config = None  # the shape is the --init-from model's
     if launch.ranks > 1 and "LOCAL_RANK" not in os.environ:
-        return relaunch_under_torchrun(args, launch)
+        return relaunch_under_torchrun(args, launch, curation)
     from node.local_training import run_training
     from node.parallel import init_distributed, shutdown_distributed
 
     env = init_distributed()
     try:
+        data = args.data
+        if curation is not None:  # training then reads the curated shard folder as it is
+            from node.participant import curated_source
+
+            data = curated_source(args.data, curation, train_tokenizer(args), env, print)
         run_training(
-            data=args.data,
+            data=data,
             model_config=model_config,
             train_config=train_config,
             out_dir=args.out,
@@ -259,12 +273,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def relaunch_under_torchrun(args: argparse.Namespace, launch: Launch) -> int:
+def train_tokenizer(args: argparse.Namespace):
+    """The tokenizer `fedpt train` packs its data with: --init-from's, else --tokenizer."""
+    from node.local_training import initial_tokenizer, load_initial_weights, open_tokenizer
+
+    if args.init_from is not None:
+        return initial_tokenizer(load_initial_weights(args.init_from), args.tokenizer)[0]
+    return open_tokenizer(args.tokenizer)
+
+
+def relaunch_under_torchrun(args: argparse.Namespace, launch: Launch, curation=None) -> int:
     """Pack the data once on this host, then start its ranks of this same command."""
-    from node.local_training import cache_dir, open_tokenizer
+    from node.local_training import cache_dir
     from node.shards import prepare_data
 
-    _, report = prepare_data(args.data, open_tokenizer(args.tokenizer), cache_dir())
+    _, report = prepare_data(args.data, train_tokenizer(args), cache_dir(), curation=curation)
     if report is not None:
         print(f"data: {report.summary()}")
     return rerun_with_ranks(launch)
@@ -520,32 +543,33 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
         default=0.05,
         help="share of documents held out for validation (default 0.05)",
     )
+    prep.add_argument("--curation", type=Path, default=None, help=CURATION_HELP)
     prep.set_defaults(func=cmd_data_prepare)
     orgs = dsub.add_parser("orgs", help="list the organisations of the built-in corpus")
     orgs.set_defaults(func=cmd_data_orgs)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from node.corpus import DataError, IngestReport, iter_documents, resolve_files
+    from node.corpus import IngestReport, resolve_files
+    from node.curation_config import load_curation_config
     from node.local_training import open_tokenizer
-    from node.shards import pack_shards
+    from node.shards import CURATION_REPORT_NAME, pack_files
 
     if not 0 <= args.val_fraction < 1:
         raise UsageError("--val-fraction must be in [0, 1)")
     if (args.out / "train").exists():
         raise UsageError(f"{args.out} already holds shards; choose another --out")
+    curation = load_curation_config(args.curation) if args.curation else None
     report = IngestReport()
     files = resolve_files(args.data, report)
-    manifests = pack_shards(
-        iter_documents(files, report),
-        open_tokenizer(args.tokenizer),
-        args.out,
-        val_fraction=args.val_fraction,
-        source=args.data,
-    )
-    if report.documents == 0:
-        raise DataError(f"no documents found in {args.data}: {report.summary()}")
+    manifests, curated = pack_files(files, report, open_tokenizer(args.tokenizer), args.out,
+                                    val_fraction=args.val_fraction, source=args.data,
+                                    curation=curation)  # fmt: skip
     print(f"data: {report.summary()}")
+    if curated is not None:
+        print(curated.summary())
+        print(f"curation report: {args.out / CURATION_REPORT_NAME} (stays here: the manifests "
+              "hold only its counts)")  # fmt: skip
     for issue in report.errors:
         print(f"data: skipped {issue.path}: {issue.reason}")
     for split, manifest in manifests.items():
@@ -588,6 +612,9 @@ AGGREGATOR_FLAGS = {
     "init_from": ("federation", "init_from", str,
                   "start a new federation from this model (fedpt weights or run, global "
                   "checkpoint, or transformers Llama folder) instead of a random one"),
+    "require_curation": ("federation", "require_curation", str,
+                         "refuse nodes whose shards were not curated with the configuration of "
+                         "this sha256 ([federation] require_curation)"),
 }
 # fmt: on
 
@@ -638,6 +665,8 @@ NODE_FLAGS: dict[str, tuple[type, str]] = {
     "organisation": (str, "name in the logs; with --kit it must be the kit's organisation "
                           "(default: the kit's, else the data's name)"),
     "tokenizer": (str, "the federation's BPE JSON when it uses one (checked by sha256)"),
+    "curation": (str, "TOML with a [curation] table: the node curates its corpus with it "
+                      "before packing (only the curation's sha256 and counts leave the node)"),
     "work_dir": (str, "round log, inner state, final and personalised models (default fedpt-node)"),
     "kit": (str, "this organisation's startup kit folder (`fedpt ca issue`): mutual TLS"),
     "poll_seconds": (float, "how long one task request may wait at the aggregator (default 10)"),
@@ -862,7 +891,8 @@ def relaunch_node_under_torchrun(cfg: NodeConfig) -> int:
     from node.local_training import cache_dir, open_tokenizer
     from node.shards import prepare_data
 
-    prepare_data(cfg.data, open_tokenizer(cfg.tokenizer or None), cache_dir())  # once, not per rank
+    prepare_data(cfg.data, open_tokenizer(cfg.tokenizer or None), cache_dir(),
+                 curation=cfg.curation_config)  # once, not per rank  # fmt: skip
     return rerun_with_ranks(cfg.launch)
 
 
@@ -967,6 +997,9 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
                         "the flower extra) (default native)")  # fmt: skip
     p.add_argument("--ray-address", default="",
                    help="with --engine flower: an existing Ray cluster to run on (e.g. auto)")  # fmt: skip
+    p.add_argument("--curation", type=Path, default=None,
+                   help=CURATION_HELP + "; every node curates its corpus with it and the "
+                        "aggregator requires its sha256 at Join")  # fmt: skip
     p.set_defaults(func=cmd_simulate)
 
 
@@ -990,7 +1023,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         nproc_per_node=args.nproc_per_node, seed=args.seed, delta_encoding=args.delta_encoding,
         download_encoding=args.download_encoding, personalise_steps=args.personalise_steps,
         personalise_mode=args.personalise_mode, compare_alone=args.compare_alone, out=args.out,
-        engine=args.engine, ray_address=args.ray_address,
+        engine=args.engine, ray_address=args.ray_address, curation=args.curation,
     )  # fmt: skip
     return 0 if simulate(options) else 1
 

@@ -42,6 +42,8 @@ from model.io import load_model, load_weights_into
 from model.tokenizer import ByteTokenizer
 from model.train_config import TrainConfig, TrainConfigError
 from node.builtin_corpus import list_organisations
+from node.curation import curation_sha256, open_scorer
+from node.curation_config import CurationConfig, CurationConfigError, load_curation_config
 from node.evaluation import mean_loss
 from node.local_training import cache_dir
 from node.parallel import DistEnv
@@ -95,6 +97,8 @@ class SimulationOptions:
     # ServerApp and ClientApps on Flower's simulation engine (fedpt/flower_simulation.py)
     engine: str = "native"
     ray_address: str = ""  # flower: an existing Ray cluster ("auto"); "": one on this machine
+    # A [curation] TOML every node curates its corpus with; the aggregator requires its sha256.
+    curation: Path | None = None
 
     @property
     def personalisation_steps(self) -> int:
@@ -134,7 +138,9 @@ def named_sources(sources: list[str]) -> list[tuple[str, str]]:
     return names
 
 
-def write_aggregator_config(opts: SimulationOptions, run: Path, port: int) -> Path:
+def write_aggregator_config(
+    opts: SimulationOptions, run: Path, port: int, require_curation: str = ""
+) -> Path:
     min_nodes = opts.min_nodes or opts.nodes
     outer_settings = f"lr = {opts.outer_lr}\n" if opts.outer_lr else ""
     if opts.outer_momentum is not None:
@@ -152,6 +158,7 @@ inner_steps = {opts.inner_steps}
 seed = {opts.seed}
 delta_encoding = "{opts.delta_encoding}"
 download_encoding = "{opts.download_encoding}"
+require_curation = "{require_curation}"
 
 [model]
 preset = "{opts.preset}"
@@ -216,6 +223,14 @@ class Simulation:
             raise SimulationError(
                 f"--data names {len(self.sources)} sources for {opts.nodes} nodes"
             )
+        self.curation: CurationConfig | None = None
+        if opts.curation is not None:
+            try:
+                self.curation = load_curation_config(opts.curation)
+            except CurationConfigError as e:
+                raise SimulationError(f"--curation: {e}") from e
+        # Node name -> its shard folder (curated with --curation), found in the cache by the node.
+        self.prepared: dict[str, Path] = {}
         (self.run / "logs").mkdir(parents=True, exist_ok=True)
         self.processes: list[subprocess.Popen] = []
 
@@ -276,12 +291,14 @@ class Simulation:
 
     # ---- evaluation ---------------------------------------------------------------------------
     def _prepare_validation(self) -> list[TokenShards]:
-        """Pack every node's data once (the nodes then find it in the cache) and keep the
-        validation splits: the held-out set the global model is scored on."""
+        """Pack (with --curation: curate and pack) every node's data once (the nodes then find
+        it in the cache) and keep the validation splits: the held-out set the global model is
+        scored on."""
         tokenizer = ByteTokenizer()
         sets = []
         for name, source in self.sources:
-            root, report = prepare_data(source, tokenizer, cache_dir())
+            root, report = prepare_data(source, tokenizer, cache_dir(), curation=self.curation)
+            self.prepared[name] = root
             sets.append(TokenShards(root / "val"))
             if report is not None:
                 self.log(f"data {name}: {report.summary()}")
@@ -299,7 +316,11 @@ class Simulation:
         self._make_pki()
         port = free_port()
         address = f"127.0.0.1:{port}"
-        config_path = write_aggregator_config(self.opts, self.run, port)
+        required = ""
+        if self.curation is not None:  # perplexity filtering: the hash covers the model's content
+            required = curation_sha256(self.curation, open_scorer(self.curation, ByteTokenizer()))
+            self.log(f"every node curates its corpus with {self.opts.curation} ({required[:12]}…)")
+        config_path = write_aggregator_config(self.opts, self.run, port, required)
         if self.opts.engine == "flower":
             summary = self._run_on_flower(config_path, address, val_sets)
         else:
@@ -334,6 +355,8 @@ class Simulation:
             args = ["node", "join", "--aggregator", address, "--data", source, "--kit", str(self.run / "pki" / name),
                     "--organisation", name, "--config", str(self._node_toml(name)),
                     "--work-dir", str(self.run / "nodes" / name), "--nproc-per-node", str(self.opts.nproc_per_node)]  # fmt: skip
+            if self.opts.curation is not None:
+                args += ["--curation", str(self.opts.curation.resolve())]
             proc, log_path = self._spawn(args, f"node-{name}")
             nodes.append(NodeProcess(name, source, proc, log_path))
         self.log(f"simulation: aggregator on {address}, {len(nodes)} nodes, run folder {self.run}; "
@@ -350,6 +373,8 @@ class Simulation:
                              "kit": str(self.run / "pki" / name), "organisation": name,
                              "devices": self.opts.nproc_per_node,
                              "config": str(self._node_toml(name))})  # fmt: skip
+            if self.opts.curation is not None:
+                settings[-1]["curation"] = str(self.opts.curation.resolve())
         nodes_json = self.run / "flower-nodes.json"
         nodes_json.write_text(json.dumps(settings, indent=2))
         args = ["--config", str(config_path), "--nodes", str(nodes_json)]
@@ -430,7 +455,9 @@ class Simulation:
         train_config = TrainConfig.from_dict(json.loads(spec.get("train_config_json") or "{}"))
         orgs = []
         for name, source in self.sources:
-            org = payoff.Organisation(name, source, reported.get(name, {}))
+            # Alone on the shards its node trained on (curated with --curation): the same tokens.
+            alone_source = str(self.prepared[name]) if self.curation is not None else source
+            org = payoff.Organisation(name, alone_source, reported.get(name, {}))
             final = payoff.read_final_report(self.run / "nodes" / name)
             org.final_version, org.final_global = final.get("version"), final.get("global_val_loss")
             org.personalised = (final.get("personalised") or {}).get("val_loss")

@@ -76,6 +76,8 @@ class AggregatorClient:
         else:
             self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.FederationStub(self.channel)
+        # What the node's shards were curated with: sent with every Join, re-joins included.
+        self.curation: pb.DataCuration | None = None
         self.node_id = ""
         self.spec: pb.FederationSpec | None = None
         self._metadata: tuple[tuple[str, str], ...] = ()
@@ -83,11 +85,18 @@ class AggregatorClient:
     def close(self) -> None:
         self.channel.close()
 
-    def join(self, capabilities: pb.Capabilities | None = None) -> pb.JoinReply:
+    def join(
+        self,
+        capabilities: pb.Capabilities | None = None,
+        curation: pb.DataCuration | None = None,
+    ) -> pb.JoinReply:
+        """Join (or re-join); `curation`, once given, is sent with this and every later Join."""
+        if curation is not None:
+            self.curation = curation
         reply = self.stub.Join(
             pb.JoinRequest(organisation=self.organisation,
                            capabilities=capabilities or pb.Capabilities(),
-                           admission_token=self.admission_token),
+                           admission_token=self.admission_token, curation=self.curation),
             timeout=self.rpc_timeout,
         )  # fmt: skip
         self.node_id, self.spec = reply.node_id, reply.spec

@@ -146,18 +146,23 @@ def _resolve_builtin(source: str, report: IngestReport) -> list[Path]:
     return list(files)
 
 
-def iter_documents(files: Iterable[Path], report: IngestReport) -> Iterator[str]:
-    """Stream the unique, non-blank documents of `files`; problems go to `report`, never raise."""
+def iter_documents(
+    files: Iterable[Path], report: IngestReport, *, drop_duplicates: bool = True
+) -> Iterator[str]:
+    """Stream the unique, non-blank documents of `files`; problems go to `report`, never raise.
+    The curation stage (node/curation.py) owns exact deduplication: it reads with
+    `drop_duplicates=False`, and reports what it drops itself."""
     seen: set[bytes] = set()
     for path in files:
         for text in _read_file_documents(path, report):
             if not text.strip():
                 continue
-            digest = hashlib.sha256(text.encode("utf-8")).digest()
-            if digest in seen:
-                report.duplicates += 1
-                continue
-            seen.add(digest)
+            if drop_duplicates:
+                digest = hashlib.sha256(text.encode("utf-8")).digest()
+                if digest in seen:
+                    report.duplicates += 1
+                    continue
+                seen.add(digest)
             report.documents += 1
             yield text
 

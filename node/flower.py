@@ -13,8 +13,9 @@ scores and personalises the final model the same way, and answers with its valid
 
 Where the organisation's files are comes from the SuperNode, never from the ServerApp:
 `flower-supernode --node-config 'data="/corpus" work-dir="/var/fedpt" kit="/kits/acme"'`, with
-optional `tokenizer`, `organisation`, `devices` (ranks on this host), `config` (a node.toml for
-everything else) and `insecure` (plain text: tests only). The kit is the node's identity on
+optional `tokenizer`, `curation` (its [curation] TOML: sent at Join as a hash and counts),
+`organisation`, `devices` (ranks on this host), `config` (a node.toml for everything else) and
+`insecure` (plain text: tests only). The kit is the node's identity on
 the data plane (mutual TLS), whatever Flower's own authentication says.
 """
 
@@ -33,7 +34,7 @@ from node.round_order import ADMISSION_TOKEN_ENV
 
 # node_config keys (Flower's style) -> `fedpt node join` flags
 PATH_KEYS = {"data": "--data", "work-dir": "--work-dir", "kit": "--kit",
-             "tokenizer": "--tokenizer", "config": "--config"}  # fmt: skip
+             "tokenizer": "--tokenizer", "config": "--config", "curation": "--curation"}  # fmt: skip
 VALUE_KEYS = {"organisation": "--organisation", "devices": "--nproc-per-node"}
 FLAG_KEYS = {"insecure": "--insecure"}
 KNOWN_KEYS = {*PATH_KEYS, *VALUE_KEYS, *FLAG_KEYS}

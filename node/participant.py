@@ -40,8 +40,9 @@ from model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from model.train_config import TrainConfig
 from node.checkpoint import latest_checkpoint, prune_checkpoints
 from node.client import AggregatorClient
+from node.curation_config import NO_CURATION, CurationConfig, load_curation_config
 from node.energy import POWERCAP_ROOT, EnergyMeter, RoundEnergy
-from node.local_training import load_splits
+from node.local_training import cache_dir, load_splits, open_tokenizer
 from node.metrics import MetricsLog
 from node.parallel import DistEnv, Launch, barrier, broadcast_bytes, broadcast_tensors
 from node.personalise import (
@@ -55,6 +56,13 @@ from node.progress import transfer_bar
 from node.prometheus import NodeMetrics
 from node.round_order import ModelMismatch, RoundOrder
 from node.secure_aggregation import NodeSecAgg, SecAggRefused
+from node.shards import (
+    CURATION_REPORT_NAME,
+    MANIFEST_NAME,
+    load_curation_report,
+    prepare_data,
+    shard_curation,
+)
 from node.trainer import Trainer
 from protos import crash_points, pki
 from protos import federation_pb2 as pb
@@ -104,6 +112,9 @@ class NodeConfig:
     organisation: str = ""  # default: the data source's name
     data: str = ""  # folder / file / prepared shards / builtin[:ORG]
     tokenizer: str = ""  # the federation's BPE JSON when it uses one (checked by sha256)
+    # A TOML with a [curation] table (node/curation_config.py): the corpus is curated with it
+    # before packing; only the curation's sha256 and counts leave the node.
+    curation: str = ""
     work_dir: str = "fedpt-node"  # metrics, round log, optional deltas
     # Ranks and hosts (node.parallel.Launch): an organisation's node may span several hosts.
     nproc_per_node: int = 1
@@ -167,6 +178,12 @@ class NodeConfig:
             _ = self.personalisation
         except PersonaliseError as e:
             raise NodeConfigError(str(e)) from e
+        _ = self.curation_config  # raises CurationConfigError on a bad or unreadable file
+
+    @property
+    def curation_config(self) -> CurationConfig | None:
+        """The `curation` file's [curation] table (read on each call); None without one."""
+        return load_curation_config(Path(self.curation)) if self.curation else None
 
     @property
     def personalisation(self) -> PersonaliseConfig:
@@ -201,6 +218,32 @@ def load_node_config(path: Path | None, overrides: dict) -> NodeConfig:
             raise NodeConfigError(f"{path}: unknown tables {', '.join(unknown)} (expected [node])")
         table = dict(raw.get("node", {}))
     return dataclass_from_dict(NodeConfig, {**table, **overrides}, "[node]", NodeConfigError)
+
+
+def curated_source(
+    source: str,
+    curation: CurationConfig | None,
+    tokenizer: Tokenizer,
+    env: DistEnv,
+    log: Callable[[str], None],
+) -> str:
+    """`source` as load_splits should read it: with `curation`, the folder of its curated
+    shards, packed by each host's first rank while the host's other ranks wait (as load_splits
+    packs), which load_splits then takes as it is."""
+    if curation is None:
+        return source
+    if env.is_host_main:
+        root, report = prepare_data(source, tokenizer, cache_dir(), curation=curation)
+        if report is not None:
+            log(f"data: {report.summary()}")
+        curated = load_curation_report(root)
+        if curated is not None:
+            log(curated.summary())
+            log(f"curation report: {root / CURATION_REPORT_NAME} (stays on this node)")
+    barrier(env)
+    if not env.is_host_main:
+        root, _ = prepare_data(source, tokenizer, cache_dir(), curation=curation)
+    return str(root)
 
 
 @dataclass
@@ -275,10 +318,19 @@ class Participant:
 
     # ---- set-up -------------------------------------------------------------------------------
     def _join(self) -> pb.FederationSpec:
-        """Rank 0 joins; every rank gets the spec."""
+        """Rank 0 joins, saying what its shards were curated with; every rank gets the spec."""
         raw = None
         if self.env.is_main:
-            reply = self._reconnecting(self.client.join, "join")
+            self.client.curation = self._shard_curation()
+            try:
+                reply = self._reconnecting(self.client.join, "join")
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                # The federation requires another data curation: no retry can change that.
+                raise FederationMismatch(
+                    f"the aggregator at {self.cfg.aggregator} refused this node: {e.details()}"
+                ) from e
             self.log(
                 f"joined {self.cfg.aggregator} as {reply.node_id} ({self.cfg.organisation_name})"
             )
@@ -297,6 +349,28 @@ class Participant:
             self.secagg = NodeSecAgg(self.client, self.kit, spec.federation_id, spec.name,
                                      keep_dir=keep_dir)  # fmt: skip
         return spec
+
+    def _shard_curation(self) -> pb.DataCuration:
+        """What this node's shards were curated with, from their train manifest: the hash and
+        counts, never text. A raw corpus with --curation is curated here, with the node's own
+        tokenizer, so that a federation requiring another curation refuses the node before it
+        trains (_build_trainer then finds those shards in the cache)."""
+        prepared = Path(self.cfg.data).expanduser()
+        if (prepared / "train" / MANIFEST_NAME).is_file():
+            found = shard_curation(prepared)
+        elif self.cfg.curation:
+            tokenizer = open_tokenizer(self.cfg.tokenizer or None)
+            root, _ = prepare_data(self.cfg.data, tokenizer, cache_dir(),
+                                   curation=self.cfg.curation_config)  # fmt: skip
+            found = shard_curation(root)
+        else:
+            found = None
+        if not found:
+            return pb.DataCuration(sha256=NO_CURATION)
+        return pb.DataCuration(sha256=found.get("sha256") or NO_CURATION,
+                               documents_in=int(found.get("documents_in", 0)),
+                               documents_kept=int(found.get("documents_kept", 0)),
+                               removed={str(k): int(v) for k, v in (found.get("removed") or {}).items()})  # fmt: skip
 
     @property
     def _stages_elsewhere(self) -> bool:
@@ -317,7 +391,9 @@ class Participant:
         train_table = json.loads(spec.train_config_json or "{}")
         # The schedule spans the whole federation: H inner steps per round, every round.
         train_cfg = TrainConfig.from_dict({**train_table, "steps": total_rounds * spec.inner_steps})
-        train, val = load_splits(self.cfg.data, tokenizer, self.env, self.log)
+        source = curated_source(self.cfg.data, self.cfg.curation_config, tokenizer, self.env,
+                                self.log)  # fmt: skip
+        train, val = load_splits(source, tokenizer, self.env, self.log)
         self.model_specs = self._model_specs(model_config)
         return Trainer(model_config, train_cfg, train, env=self.env, val_data=val,
                        tokenizer_spec=tokenizer.spec(), out_dir=self.work_dir, log=self.log)  # fmt: skip

@@ -4,6 +4,8 @@ On disk a prepared corpus is two folders, `train/` and `val/`, each holding raw 
 token files `shard_00000.bin ...` (uint16 when the vocabulary fits, else uint32) and a
 `manifest.json` that names the tokenizer and the sha256 of every shard. Documents are
 concatenated, each followed by the tokenizer's EOS token, so the model learns where texts end.
+A curated corpus (node/curation.py) also has `curation_report.json` beside the splits, and its
+manifests' "curation" entry holds the curation sha256 and counts (null: not curated).
 
 Training samples non-overlapping windows of `seq_len + 1` tokens. `BatchSampler` maps a global
 sample position to a window id as a pure function of (seed, number of windows, position), so a
@@ -28,11 +30,14 @@ import torch
 
 from model.tokenizer import Tokenizer
 from node.corpus import DataError, IngestIssue, IngestReport, iter_documents, resolve_files
+from node.curation import CurationReport, curate, curation_sha256, open_scorer
+from node.curation_config import CurationConfig
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "fedpt-shards/1"
 SPLITS = ("train", "val")
 INGEST_REPORT_NAME = "ingest.json"
+CURATION_REPORT_NAME = "curation_report.json"  # the full report: stays on the node
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 # Encoding in batches lets fast tokenizers use their threads; the limits bound memory.
 _ENCODE_BATCH_DOCS = 512
@@ -162,12 +167,14 @@ def pack_shards(
     val_fraction: float = 0.05,
     shard_tokens: int = 1 << 24,
     source: str = "",
+    curation: CurationReport | None = None,
 ) -> dict:
     """Tokenize `documents` into `out_dir/{train,val}`; returns {"train": manifest, "val": ...}.
 
     Everything is written into a temporary sibling folder that replaces `out_dir` only once
     complete, so a crash never leaves a half-written shard set behind. Raises DataError when
-    there are no documents at all.
+    there are no documents at all. `curation`: the report of the curate() stream `documents`
+    is, complete once they are packed; its counts go into the manifests, itself beside them.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -186,10 +193,13 @@ def pack_shards(
         if all(w.documents == 0 for w in writers.values()):
             raise DataError(f"no documents to pack into {out_dir}")
         manifests = {}
+        counts = curation.counts() if curation is not None else None
         for split, writer in writers.items():
             writer.close()
-            manifests[split] = _manifest(split, writer, dtype_name, tokenizer, source)
+            manifests[split] = _manifest(split, writer, dtype_name, tokenizer, source, counts)
             _write_json_durably(tmp_dir / split / MANIFEST_NAME, manifests[split])
+        if curation is not None:
+            _write_json_durably(tmp_dir / CURATION_REPORT_NAME, curation.to_json())
         _replace_dir(tmp_dir, out_dir)
     except BaseException:
         for writer in writers.values():
@@ -223,7 +233,12 @@ def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
 
 
 def _manifest(
-    split: str, writer: _ShardWriter, dtype_name: str, tokenizer: Tokenizer, source: str
+    split: str,
+    writer: _ShardWriter,
+    dtype_name: str,
+    tokenizer: Tokenizer,
+    source: str,
+    curation: dict | None,
 ) -> dict:
     return {
         "format": FORMAT,
@@ -234,6 +249,7 @@ def _manifest(
         "tokens": writer.tokens,
         "shards": writer.shards,
         "source": source,
+        "curation": curation,  # CurationReport.counts(); null (or, before curation, absent): none
     }
 
 
@@ -399,37 +415,106 @@ def get_batch(
 
 
 def prepare_data(
-    source: str, tokenizer: Tokenizer, cache_dir: Path, *, val_fraction: float = 0.05
+    source: str,
+    tokenizer: Tokenizer,
+    cache_dir: Path,
+    *,
+    val_fraction: float = 0.05,
+    curation: CurationConfig | None = None,
 ) -> tuple[Path, IngestReport | None]:
     """A folder of train/val shards for `source`, packed once and then reused from the cache.
 
-    `source` may already be a prepared shard folder (returned as is, report None). Otherwise the
-    cache key covers each file's path, size and mtime, the tokenizer and the split, so unchanged
-    inputs are not read again; the returned report is then the one saved when they were packed.
+    `source` may already be a prepared shard folder (returned as is, report None; with
+    `curation`, it must have been curated by that configuration). Otherwise the cache key
+    covers each file's path, size and mtime, the tokenizer, the split and the curation sha256,
+    so unchanged inputs are not read again; the returned report is then the one saved when
+    they were packed. `curation`: the documents go through curate() before packing (its
+    report: load_curation_report).
     """
+    scorer = open_scorer(curation, tokenizer) if curation is not None else None
+    curation_hash = curation_sha256(curation, scorer) if curation is not None else None
     prepared = Path(source).expanduser()
     if (prepared / "train" / MANIFEST_NAME).is_file():
         _check_tokenizer(prepared, tokenizer)
+        if curation_hash is not None:
+            _check_curation(prepared, curation_hash)
         return prepared, None
     report = IngestReport()
     files = resolve_files(source, report)
-    out_dir = Path(cache_dir) / _cache_key(files, tokenizer, val_fraction)
+    out_dir = Path(cache_dir) / _cache_key(files, tokenizer, val_fraction, curation_hash)
     if all((out_dir / s / MANIFEST_NAME).is_file() for s in SPLITS):
         return out_dir, _load_report(out_dir, report)
+    pack_files(files, report, tokenizer, out_dir, val_fraction=val_fraction, source=source,
+               curation=curation, scorer=scorer)  # fmt: skip
+    _save_report(out_dir, report)
+    return out_dir, report
+
+
+def pack_files(
+    files: list[Path],
+    report: IngestReport,
+    tokenizer: Tokenizer,
+    out_dir: Path,
+    *,
+    val_fraction: float,
+    source: str,
+    curation: CurationConfig | None = None,
+    scorer=None,
+) -> tuple[dict, CurationReport | None]:
+    """Read `files` (counted in `report`), curate them with `curation`, pack them into
+    `out_dir`: the manifests and the curation report. A DataError says what was found when
+    nothing is left to pack."""
+    curated = None
+    # With curation, its exact-duplicate stage is the one that drops (and reports) duplicates.
+    documents = iter_documents(files, report, drop_duplicates=curation is None)
+    if curation is not None:
+        curated = CurationReport()
+        spool_dir = Path(out_dir).parent  # the spool goes beside the shards
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        documents = curate(documents, curation, curated, tokenizer=tokenizer,
+                           spool_dir=spool_dir, scorer=scorer)  # fmt: skip
     try:
-        pack_shards(
-            iter_documents(files, report),
+        manifests = pack_shards(
+            documents,
             tokenizer,
             out_dir,
             val_fraction=val_fraction,
             source=source,
+            curation=curated,
         )
     except DataError:
         if report.documents == 0:
             raise DataError(f"no documents found in {source}: {report.summary()}") from None
+        if curated is not None and curated.documents_kept == 0:
+            kept_none = f"curation kept no documents of {source}: {curated.summary()}"
+            raise DataError(kept_none) from None
         raise
-    _save_report(out_dir, report)
-    return out_dir, report
+    return manifests, curated
+
+
+def shard_curation(prepared_dir: Path) -> dict | None:
+    """The train manifest's "curation" entry: {"sha256", "documents_in", "documents_kept",
+    "removed": {stage or stage.reason: documents}}; None for shards that were not curated."""
+    return read_manifest(Path(prepared_dir) / "train").get("curation")
+
+
+def load_curation_report(prepared_dir: Path) -> CurationReport | None:
+    """The full curation report saved beside curated shards (None: not curated, or unreadable)."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        raw = json.loads((Path(prepared_dir) / CURATION_REPORT_NAME).read_text("utf-8"))
+        return CurationReport.from_json(raw)
+    return None
+
+
+def _check_curation(prepared: Path, expected: str) -> None:
+    found = shard_curation(prepared)
+    found_hash = found.get("sha256") if isinstance(found, dict) else None
+    if found_hash != expected:
+        made = f"curated by {found_hash[:12]}…" if found_hash else "not curated"
+        raise DataError(
+            f"shards in {prepared} were {made}, not by this curation ({expected[:12]}…): "
+            "curate from the raw text instead"
+        )
 
 
 def _check_tokenizer(prepared: Path, tokenizer: Tokenizer) -> None:
@@ -441,12 +526,15 @@ def _check_tokenizer(prepared: Path, tokenizer: Tokenizer) -> None:
         )
 
 
-def _cache_key(files: list[Path], tokenizer: Tokenizer, val_fraction: float) -> str:
+def _cache_key(
+    files: list[Path], tokenizer: Tokenizer, val_fraction: float, curation: str | None
+) -> str:
     payload = {
         "format": FORMAT,
         "files": [_file_fingerprint(p) for p in files],
         "tokenizer": tokenizer.spec(),
         "val_fraction": val_fraction,
+        "curation": curation,  # its sha256; curated and uncurated shards never share an entry
     }
     blob = json.dumps(payload, sort_keys=True).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:20]

@@ -18,14 +18,35 @@ class Capabilities(_message.Message):
     def __init__(self, num_devices: _Optional[int] = ..., device_kind: _Optional[str] = ..., fedpt_version: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("organisation", "capabilities", "admission_token")
+    __slots__ = ("organisation", "capabilities", "admission_token", "curation")
     ORGANISATION_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     ADMISSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CURATION_FIELD_NUMBER: _ClassVar[int]
     organisation: str
     capabilities: Capabilities
     admission_token: str
-    def __init__(self, organisation: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., admission_token: _Optional[str] = ...) -> None: ...
+    curation: DataCuration
+    def __init__(self, organisation: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., admission_token: _Optional[str] = ..., curation: _Optional[_Union[DataCuration, _Mapping]] = ...) -> None: ...
+
+class DataCuration(_message.Message):
+    __slots__ = ("sha256", "documents_in", "documents_kept", "removed")
+    class RemovedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_IN_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_KEPT_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    documents_in: int
+    documents_kept: int
+    removed: _containers.ScalarMap[str, int]
+    def __init__(self, sha256: _Optional[str] = ..., documents_in: _Optional[int] = ..., documents_kept: _Optional[int] = ..., removed: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RoundPolicy(_message.Message):
     __slots__ = ("min_nodes", "max_nodes", "round_timeout_seconds")
@@ -38,7 +59,7 @@ class RoundPolicy(_message.Message):
     def __init__(self, min_nodes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class FederationSpec(_message.Message):
-    __slots__ = ("federation_id", "name", "model_config_json", "tokenizer_json", "train_config_json", "inner_steps", "round_policy", "chunk_bytes", "outer_optimizer", "total_rounds", "delta_encoding", "download_encoding")
+    __slots__ = ("federation_id", "name", "model_config_json", "tokenizer_json", "train_config_json", "inner_steps", "round_policy", "chunk_bytes", "outer_optimizer", "total_rounds", "delta_encoding", "download_encoding", "required_curation_sha256")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +72,7 @@ class FederationSpec(_message.Message):
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DELTA_ENCODING_FIELD_NUMBER: _ClassVar[int]
     DOWNLOAD_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_CURATION_SHA256_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     name: str
     model_config_json: str
@@ -63,7 +85,8 @@ class FederationSpec(_message.Message):
     total_rounds: int
     delta_encoding: str
     download_encoding: str
-    def __init__(self, federation_id: _Optional[str] = ..., name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., inner_steps: _Optional[int] = ..., round_policy: _Optional[_Union[RoundPolicy, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., outer_optimizer: _Optional[str] = ..., total_rounds: _Optional[int] = ..., delta_encoding: _Optional[str] = ..., download_encoding: _Optional[str] = ...) -> None: ...
+    required_curation_sha256: str
+    def __init__(self, federation_id: _Optional[str] = ..., name: _Optional[str] = ..., model_config_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., train_config_json: _Optional[str] = ..., inner_steps: _Optional[int] = ..., round_policy: _Optional[_Union[RoundPolicy, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., outer_optimizer: _Optional[str] = ..., total_rounds: _Optional[int] = ..., delta_encoding: _Optional[str] = ..., download_encoding: _Optional[str] = ..., required_curation_sha256: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("node_id", "session_token", "spec")

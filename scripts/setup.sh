@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==${FEDPT_TORCH_VERSION:-2.13.0}"
-# FEDPT_EXTRAS: the optional extras to install besides the dev tools (the tests set "flower,hf,report")
+# FEDPT_EXTRAS: the optional extras to install besides the dev tools (the tests set "flower,hf,report,curation")
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev${FEDPT_EXTRAS:+,$FEDPT_EXTRAS}]"
 .venv/bin/fedpt --help >/dev/null
 echo "fedpt is installed in .venv (activate with: source .venv/bin/activate)"

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The optional extras whose tests would otherwise be skipped (flash-attn needs CUDA: not here).
-FEDPT_EXTRAS=flower,hf,report bash scripts/setup.sh
+FEDPT_EXTRAS=flower,hf,report,curation bash scripts/setup.sh
 .venv/bin/ruff check .
 bash scripts/gen_protos.sh --check
 .venv/bin/python -m pytest -q "$@"
