@@ -7,8 +7,9 @@ BENCH_CONFIG. Medians of --repeats; the share of the clean corpus each keeps is 
 
 Effect: each of the first --nodes built-in organisations, dirtied: --junk junk documents per
 clean one (character soup, link spam repeated line after line, digit tables, one word
-repeated) and --dups near-duplicates per clean one (variants of training-split documents with
-~3% of their words changed, so none leaks a validation document), written as a folder of text
+repeated) and --dups near-duplicates per clean one (variants of training-split documents, so
+none leaks a validation document, with one passage of ~4% of their words rewritten and a new
+first line), written as a folder of text
 files per organisation. Two `fedpt simulate` runs with the same rounds, inner steps and batch
 (so the same tokens): one with `--curation` (BENCH_CONFIG), one without. Scored on the
 organisations' CLEAN validation splits (the built-in corpus's per-document hash split, never
@@ -78,7 +79,7 @@ def throughput(documents: list[str], repeats: int) -> list[list[object]]:
     for name, config in stage_configs().items():
         rates, kept = [], 0
         for _ in range(repeats):
-            report = CurationReport(config.sha256())
+            report = CurationReport()
             start = time.perf_counter()
             kept = sum(1 for _ in curate(documents, config, report))
             rates.append(megabytes / (time.perf_counter() - start))
@@ -102,21 +103,16 @@ def junk(rng: random.Random) -> str:
     return " ".join([word] * rng.randrange(300, 1500))
 
 
-def variant(text: str, rng: random.Random, edit: float = 0.03) -> str:
-    """`text` with about `edit` of its words replaced, dropped or doubled."""
+def variant(text: str, rng: random.Random, edit: float = 0.04) -> str:
+    """`text` as a near-duplicate: one passage of about `edit` of its words rewritten (an edited
+    paragraph, another date or name: how copies of a page differ), and a new first line."""
     words = text.split(" ")
-    out = []
-    for w in words:
-        r = rng.random()
-        if r < edit / 3:
-            out.append(rng.choice(["alpha", "beta", "gamma", "delta"]))
-        elif r < 2 * edit / 3:
-            continue
-        elif r < edit:
-            out += [w, w]
-        else:
-            out.append(w)
-    return " ".join(out)
+    span = max(1, round(edit * len(words)))
+    start = rng.randrange(max(1, len(words) - span))
+    words[start : start + span] = [
+        rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(span)
+    ]
+    return f"mirror {rng.randrange(10**6)}\n" + " ".join(words)
 
 
 def dirty_corpus(clean: dict[str, list[str]], root: Path, junk_per_doc: float, dups_per_doc: float,

@@ -570,6 +570,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         print(curated.summary())
         print(f"curation report: {args.out / CURATION_REPORT_NAME} (stays here: the manifests "
               "hold only its counts)")  # fmt: skip
+        print(f"curation sha256: {curated.sha256} (a federation requires it with [federation] "
+              "require_curation)")  # fmt: skip
     for issue in report.errors:
         print(f"data: skipped {issue.path}: {issue.reason}")
     for split, manifest in manifests.items():

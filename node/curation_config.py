@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import math
 import tomllib
@@ -123,9 +124,12 @@ class CurationConfig:
         return dataclasses.asdict(self)
 
     def sha256(self, perplexity_model_sha256: str = "") -> str:
-        """The name of what this configuration does: its settings, the curation code version
-        and, with perplexity filtering, the reference model's content (not its path)."""
-        payload = {"code": CURATION_CODE_VERSION, "config": self.to_dict()}
+        """The name of what this configuration does: its settings, the curation code version,
+        the datatrove release whose filters and hashing it runs (nodes with another release may
+        keep other documents, so they get another hash) and, with perplexity filtering, the
+        reference model's content (not its path)."""
+        payload = {"code": CURATION_CODE_VERSION, "datatrove": _datatrove_version(),
+                   "config": self.to_dict()}  # fmt: skip
         if self.perplexity.enabled:
             payload["config"]["perplexity"]["model"] = perplexity_model_sha256
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -195,6 +199,13 @@ def check_curation_config(c: CurationConfig) -> None:
     if p.enabled and not p.model:
         raise CurationConfigError("perplexity.enabled needs perplexity.model: the reference "
                                   "model (a weights file, a run folder, an aggregator state dir)")  # fmt: skip
+
+
+def _datatrove_version() -> str:
+    try:
+        return importlib.metadata.version("datatrove")
+    except importlib.metadata.PackageNotFoundError:  # curating then fails with CurationUnavailable
+        return "absent"
 
 
 def _in_range(name: str, value: float, low: float, high: float) -> None:

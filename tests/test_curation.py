@@ -189,6 +189,59 @@ def test_perplexity_cutoffs_are_quantiles_of_the_scorable_losses() -> None:
     assert perplexity_cutoffs(np.array([np.inf]), config) == (None, None)
 
 
+def reference_model(path: Path, seed: int) -> Path:
+    """A randomly initialised tiny model saved as a weights file: a real reference model."""
+    import torch
+
+    from model.config import preset
+    from model.gpt import GPT
+    from model.io import save_model
+
+    torch.manual_seed(seed)
+    save_model(GPT(preset("tiny")), path, tokenizer_spec=ByteTokenizer().spec())
+    return path
+
+
+def test_perplexity_filtering_drops_what_the_reference_model_finds_least_likely(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    from node.local_training import open_model
+
+    weights = reference_model(tmp_path / "ref.safetensors", seed=0)
+    docs = [prose(i, sentences=2) for i in range(8)]
+    # Recomputed here, not by the scorer: each document fits one window of the model.
+    model, tokenizer, _ = open_model(weights, None, torch.device("cpu"))
+    losses = []
+    with torch.no_grad():
+        for ids in tokenizer.encode_batch(docs):
+            tokens = torch.tensor(ids)[None]
+            losses.append(float(model(tokens[:, :-1], tokens[:, 1:])[1]))
+    least_likely = set(np.argsort(losses)[-2:])  # the top quarter of 8
+    off = {"exact_dedup": False, "pii": PIIConfig(enabled=False),
+           "quality": QualityConfig(enabled=False), "near_dedup": NearDedupConfig(enabled=False)}  # fmt: skip
+    config = CurationConfig(**off, perplexity=PerplexityConfig(
+        enabled=True, model=str(weights), drop_high_quantile=0.25))  # fmt: skip
+    report = CurationReport()
+    kept = list(curate(docs, config, report))
+    assert kept == [d for i, d in enumerate(docs) if i not in least_likely]  # in corpus order
+    assert report.counts()["removed"] == {"perplexity.high": 2}
+
+    # The hash names the model's content, not its path.
+    copy = tmp_path / "elsewhere.safetensors"
+    copy.write_bytes(weights.read_bytes())
+    other = reference_model(tmp_path / "other.safetensors", seed=1)
+    hashes = {}
+    for name, path in (("same", weights), ("copy", copy), ("other", other)):
+        again = CurationConfig(**off, perplexity=PerplexityConfig(
+            enabled=True, model=str(path), drop_high_quantile=0.25))  # fmt: skip
+        hashes[name] = CurationReport()
+        list(curate(docs, again, hashes[name]))
+    assert hashes["same"].sha256 == hashes["copy"].sha256 == report.sha256
+    assert hashes["other"].sha256 != report.sha256
+
+
 # ----------------------------------------------------------------------------- shards
 
 
