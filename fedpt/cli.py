@@ -255,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         data = args.data
         if curation is not None:  # training then reads the curated shard folder as it is
-            from node.participant import curated_source
+            from node.local_training import curated_source
 
             data = curated_source(args.data, curation, train_tokenizer(args), env, print)
         run_training(

@@ -38,10 +38,17 @@ from model.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, TokenizerErr
 from model.train_config import TrainConfig
 from node.checkpoint import full_model_state, latest_checkpoint
 from node.corpus import DataError
+from node.curation_config import CurationConfig
 from node.evaluation import bits_per_byte, mean_loss, scored_windows
 from node.model_source import ModelSource, locate
 from node.parallel import DistEnv, barrier, check_same_everywhere, decided_by_main
-from node.shards import TokenShards, prepare_data, read_manifest
+from node.shards import (
+    CURATION_REPORT_NAME,
+    TokenShards,
+    load_curation_report,
+    prepare_data,
+    read_manifest,
+)
 from node.trainer import Trainer, TrainingError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -80,6 +87,32 @@ def load_splits(
     train, val = TokenShards(root / "train"), TokenShards(root / "val")
     log(f"data: {train.num_tokens:,} train tokens, {val.num_tokens:,} validation tokens ({root})")
     return train, val
+
+
+def curated_source(
+    source: str,
+    curation: CurationConfig | None,
+    tokenizer: Tokenizer,
+    env: DistEnv,
+    log: Callable[[str], None],
+) -> str:
+    """`source` as load_splits should read it: with `curation`, the folder of its curated
+    shards, packed by each host's first rank while the host's other ranks wait (as load_splits
+    packs), which load_splits then takes as it is."""
+    if curation is None:
+        return source
+    if env.is_host_main:
+        root, report = prepare_data(source, tokenizer, cache_dir(), curation=curation)
+        if report is not None:
+            log(f"data: {report.summary()}")
+        curated = load_curation_report(root)
+        if curated is not None:
+            log(curated.summary())
+            log(f"curation report: {root / CURATION_REPORT_NAME} (stays on this node)")
+    barrier(env)
+    if not env.is_host_main:
+        root, _ = prepare_data(source, tokenizer, cache_dir(), curation=curation)
+    return str(root)
 
 
 def load_initial_weights(path: str | Path) -> ModelSource:

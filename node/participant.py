@@ -42,7 +42,7 @@ from node.checkpoint import latest_checkpoint, prune_checkpoints
 from node.client import AggregatorClient
 from node.curation_config import NO_CURATION, CurationConfig, load_curation_config
 from node.energy import POWERCAP_ROOT, EnergyMeter, RoundEnergy
-from node.local_training import cache_dir, load_splits, open_tokenizer
+from node.local_training import cache_dir, curated_source, load_splits, open_tokenizer
 from node.metrics import MetricsLog
 from node.parallel import DistEnv, Launch, barrier, broadcast_bytes, broadcast_tensors
 from node.personalise import (
@@ -57,9 +57,7 @@ from node.prometheus import NodeMetrics
 from node.round_order import ModelMismatch, RoundOrder
 from node.secure_aggregation import NodeSecAgg, SecAggRefused
 from node.shards import (
-    CURATION_REPORT_NAME,
     MANIFEST_NAME,
-    load_curation_report,
     prepare_data,
     shard_curation,
 )
@@ -218,32 +216,6 @@ def load_node_config(path: Path | None, overrides: dict) -> NodeConfig:
             raise NodeConfigError(f"{path}: unknown tables {', '.join(unknown)} (expected [node])")
         table = dict(raw.get("node", {}))
     return dataclass_from_dict(NodeConfig, {**table, **overrides}, "[node]", NodeConfigError)
-
-
-def curated_source(
-    source: str,
-    curation: CurationConfig | None,
-    tokenizer: Tokenizer,
-    env: DistEnv,
-    log: Callable[[str], None],
-) -> str:
-    """`source` as load_splits should read it: with `curation`, the folder of its curated
-    shards, packed by each host's first rank while the host's other ranks wait (as load_splits
-    packs), which load_splits then takes as it is."""
-    if curation is None:
-        return source
-    if env.is_host_main:
-        root, report = prepare_data(source, tokenizer, cache_dir(), curation=curation)
-        if report is not None:
-            log(f"data: {report.summary()}")
-        curated = load_curation_report(root)
-        if curated is not None:
-            log(curated.summary())
-            log(f"curation report: {root / CURATION_REPORT_NAME} (stays on this node)")
-    barrier(env)
-    if not env.is_host_main:
-        root, _ = prepare_data(source, tokenizer, cache_dir(), curation=curation)
-    return str(root)
 
 
 @dataclass

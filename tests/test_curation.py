@@ -21,8 +21,8 @@ from node.curation_config import (
     PIIConfig,
     QualityConfig,
 )
+from node.local_training import curated_source
 from node.parallel import DistEnv
-from node.participant import curated_source
 from node.shards import (
     CURATION_REPORT_NAME,
     MANIFEST_NAME,
