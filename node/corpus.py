@@ -236,3 +236,17 @@ def _describe_read_error(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return f"unreadable ({error.strerror})"
     return f"unreadable ({error})"
+
+
+def batched(documents: Iterable[str], max_documents: int, max_chars: int) -> Iterator[list[str]]:
+    """`documents` in lists of at most `max_documents`, cut early once they hold `max_chars`."""
+    batch: list[str] = []
+    chars = 0
+    for text in documents:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= max_documents or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch

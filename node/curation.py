@@ -27,6 +27,7 @@ from typing import IO
 
 import numpy as np
 
+from node.corpus import batched
 from node.curation_config import CurationConfig, NearDedupConfig, PerplexityConfig
 
 STAGES = ("exact_dedup", "quality", "near_dedup", "perplexity")  # those that remove documents
@@ -310,7 +311,7 @@ def _perplexity_filtered(
     spool = folder / "perplexity_spool.jsonl"
     losses = array("d")
     with open(spool, "w", encoding="utf-8") as out:
-        for batch in _batches(documents):
+        for batch in batched(documents, _SCORE_BATCH_DOCS, _SCORE_BATCH_CHARS):
             for text, loss in zip(batch, scorer.losses(batch), strict=True):
                 losses.append(loss)
                 out.write(json.dumps({"loss": loss, "text": text}) + "\n")
@@ -343,16 +344,3 @@ def perplexity_cutoffs(
     if config.drop_high_quantile > 0:
         high = float(np.quantile(finite, 1.0 - config.drop_high_quantile, method=QUANTILE_METHOD))
     return low, high
-
-
-def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    chars = 0
-    for text in documents:
-        batch.append(text)
-        chars += len(text)
-        if len(batch) >= _SCORE_BATCH_DOCS or chars >= _SCORE_BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch

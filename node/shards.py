@@ -29,7 +29,14 @@ import numpy as np
 import torch
 
 from model.tokenizer import Tokenizer
-from node.corpus import DataError, IngestIssue, IngestReport, iter_documents, resolve_files
+from node.corpus import (
+    DataError,
+    IngestIssue,
+    IngestReport,
+    batched,
+    iter_documents,
+    resolve_files,
+)
 from node.curation import CurationReport, curate, curation_sha256, open_scorer
 from node.curation_config import CurationConfig
 
@@ -213,23 +220,10 @@ def _encoded_documents(
     documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype
 ) -> Iterator[_HeldDocument]:
     eos = np.array([tokenizer.eos_id], dtype=dtype)
-    for batch in _batches(documents):
+    for batch in batched(documents, _ENCODE_BATCH_DOCS, _ENCODE_BATCH_CHARS):
         for text, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
             tokens = np.concatenate([np.asarray(ids, dtype=dtype), eos])
             yield _HeldDocument(split_key(text), tokens)
-
-
-def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    chars = 0
-    for text in documents:
-        batch.append(text)
-        chars += len(text)
-        if len(batch) >= _ENCODE_BATCH_DOCS or chars >= _ENCODE_BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
 
 
 def _manifest(

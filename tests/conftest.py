@@ -96,3 +96,20 @@ def issue_kits(root: Path, orgs: Iterable[str], foreign: str | None = None) -> d
         pki.init_ca(root / "other-ca")
         out["foreign"] = pki.load_kit(pki.issue_kit(root / "other-ca", foreign, root / "foreign"))
     return out
+
+
+@pytest.fixture
+def serve() -> Iterator:
+    """start(config) -> a real aggregator on 127.0.0.1, stopped after the test."""
+    from aggregator.server import start_aggregator
+
+    servers = []
+
+    def start(config):
+        running = start_aggregator(config, log=lambda _m: None)
+        servers.append(running)
+        return running
+
+    yield start
+    for running in servers:
+        running.stop(grace=0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -46,20 +45,6 @@ def make_config(tmp_path: Path, database_url: str | None = None, **sections) -> 
         store=StoreConfig(state_dir=str(tmp_path / "state"), database_url=database_url or ""),
     )
     return dataclasses.replace(base, **sections)
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator:
-    servers: list[RunningAggregator] = []
-
-    def start(config: AggregatorConfig) -> RunningAggregator:
-        running = start_aggregator(config, log=lambda _m: None)
-        servers.append(running)
-        return running
-
-    yield start
-    for running in servers:
-        running.stop(grace=0)
 
 
 def join(agg: RunningAggregator, *orgs: str) -> list[AggregatorClient]:

@@ -28,13 +28,12 @@ from model.writeback import SequentialFile
 from node.client import AggregatorClient
 from protos import federation_pb2 as pb
 from protos.codec import encode, specs_of
-from tests.test_aggregator import (  # noqa: F401 (serve is a fixture)
+from tests.test_aggregator import (
     CHUNK,
     flip_byte,
     join,
     make_config,
     raw_push,
-    serve,
     train_tasks,
     wait_for_version,
 )
@@ -45,7 +44,7 @@ PROMPT_SECONDS = 0.5  # far below the slow write: an answer that waited for it w
 
 def test_a_slow_commit_does_not_delay_get_task_join_or_health(
     tmp_path: Path,
-    serve,  # noqa: F811
+    serve,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     writing, written = threading.Event(), threading.Event()
@@ -120,7 +119,7 @@ def dyadic_delta(global_params: dict[str, torch.Tensor], seed: int) -> dict[str,
 
 def test_parallel_uploads_sum_exactly_while_a_refused_one_is_rebuilt_out(
     tmp_path: Path,
-    serve,  # noqa: F811
+    serve,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Small stripes: each 16 KiB chunk spans several, so uploads share and interleave them.
@@ -203,7 +202,7 @@ def test_parallel_uploads_sum_exactly_while_a_refused_one_is_rebuilt_out(
     assert not list((tmp_path / "state" / "uploads").rglob("*.part"))
 
 
-def test_each_round_sums_into_a_fresh_accumulator(tmp_path: Path, serve) -> None:  # noqa: F811
+def test_each_round_sums_into_a_fresh_accumulator(tmp_path: Path, serve) -> None:
     """Ending a round never waits for the last round's sum: the next starts from zeros."""
     agg = serve(make_config(tmp_path))
     a, b = join(agg, "acme", "globex")
@@ -243,7 +242,7 @@ FLOOD_WAIT = 6.0
 @pytest.mark.parametrize("limited", [True, False], ids=["limits", "no-limits"])
 def test_one_nodes_long_poll_flood_does_not_starve_join_or_health(
     tmp_path: Path,
-    serve,  # noqa: F811
+    serve,
     limited: bool,
 ) -> None:
     """8 server threads, one node holds 30 GetTask(wait 6 s). With the per-node limit only 2 of

@@ -49,20 +49,6 @@ def requiring(tmp_path: Path, digest: str = REQUIRED):
     )
 
 
-@pytest.fixture
-def serve():
-    servers: list[RunningAggregator] = []
-
-    def start(config) -> RunningAggregator:
-        running = start_aggregator(config, log=lambda _m: None)
-        servers.append(running)
-        return running
-
-    yield start
-    for running in servers:
-        running.stop(grace=0)
-
-
 def join(agg: RunningAggregator, org: str, curation: pb.DataCuration | None) -> AggregatorClient:
     client = AggregatorClient(agg.address, org, rpc_timeout=10)
     client.join(curation=curation)

@@ -37,7 +37,6 @@ from tests.test_aggregator import (
     local_params,
     make_config,
     raw_push,
-    serve,  # noqa: F401 (a fixture)
     state_fingerprint,
     train_tasks,
     wait_for_version,
@@ -321,7 +320,7 @@ ENERGY_REFUSALS = {
 @pytest.mark.parametrize("case", ENERGY_REFUSALS)
 def test_impossible_energy_is_refused_and_changes_nothing(
     tmp_path: Path,
-    serve,  # noqa: F811 (the fixture)
+    serve,
     case: str,
 ) -> None:
     (field,) = ENERGY_REFUSALS[case]
@@ -343,7 +342,7 @@ def test_impossible_energy_is_refused_and_changes_nothing(
     assert a.push_update(0, 0, zero_delta(global0), num_tokens=10, train_loss=1.0).complete
 
 
-def test_reported_energy_is_stored_per_node_and_round(tmp_path: Path, serve) -> None:  # noqa: F811
+def test_reported_energy_is_stored_per_node_and_round(tmp_path: Path, serve) -> None:
     agg = serve(make_config(tmp_path))
     a, b, c = join(agg, "acme", "globex", "initech")
     train_tasks([a, b, c])
@@ -410,7 +409,7 @@ def energy_rows(agg) -> dict:
 
 def test_a_node_sends_the_energy_it_measured_and_the_aggregator_keeps_it(
     tmp_path: Path,
-    serve,  # noqa: F811 (the fixture)
+    serve,
     corpus_dir: Path,
     no_pynvml,
 ) -> None:
@@ -430,7 +429,7 @@ def test_a_node_sends_the_energy_it_measured_and_the_aggregator_keeps_it(
 
 def test_a_node_with_nothing_measurable_sends_no_energy(
     tmp_path: Path,
-    serve,  # noqa: F811 (the fixture)
+    serve,
     corpus_dir: Path,
     no_pynvml,
 ) -> None:
@@ -449,7 +448,7 @@ class Died(BaseException):
 
 def test_a_round_pushed_after_a_restart_sends_the_energy_measured_when_it_was_trained(
     tmp_path: Path,
-    serve,  # noqa: F811 (the fixture)
+    serve,
     corpus_dir: Path,
     no_pynvml,
     monkeypatch: pytest.MonkeyPatch,

@@ -21,7 +21,6 @@ from tests.test_aggregator import (
     join,
     local_params,
     make_config,
-    serve,  # noqa: F401 (a fixture)
     train_tasks,
     wait_for_version,
 )
@@ -54,7 +53,7 @@ def with_metrics(config, **server):
     )
 
 
-def test_aggregator_metrics_after_a_round(tmp_path: Path, serve) -> None:  # noqa: F811
+def test_aggregator_metrics_after_a_round(tmp_path: Path, serve) -> None:
     agg = serve(with_metrics(make_config(tmp_path)))
     assert agg.metrics_port == agg.coordinator.config.server.metrics_port
     a, b = join(agg, "acme", "globex")
@@ -104,7 +103,7 @@ def test_aggregator_metrics_after_a_round(tmp_path: Path, serve) -> None:  # noq
     a.close(), b.close()
 
 
-def test_a_failed_round_is_counted_and_the_port_closes_on_stop(tmp_path: Path, serve) -> None:  # noqa: F811
+def test_a_failed_round_is_counted_and_the_port_closes_on_stop(tmp_path: Path, serve) -> None:
     config = make_config(tmp_path, round=RoundConfig(min_nodes=2, timeout_seconds=1.0,
                                                      start_grace_seconds=0.1))  # fmt: skip
     agg = serve(with_metrics(config))
@@ -125,7 +124,7 @@ def test_a_failed_round_is_counted_and_the_port_closes_on_stop(tmp_path: Path, s
         scrape(agg.metrics_port)
 
 
-def test_no_metrics_port_by_default(tmp_path: Path, serve) -> None:  # noqa: F811
+def test_no_metrics_port_by_default(tmp_path: Path, serve) -> None:
     agg = serve(make_config(tmp_path))
     assert agg.coordinator.config.server.metrics_port == 0 and agg.metrics_port == 0
 

@@ -26,11 +26,10 @@ from aggregator.outer import OuterConfig
 from model.config import ModelConfig
 from protos import federation_pb2 as pb
 from protos.codec import encode
-from tests.test_aggregator import (  # noqa: F401 (serve is a fixture)
+from tests.test_aggregator import (
     join,
     make_config,
     raw_push,
-    serve,
     state_fingerprint,
     train_tasks,
     wait_for_version,
@@ -84,7 +83,7 @@ def assert_running_sum_empty(agg) -> None:
     assert acc.total_weight == 0 and not np.any(acc._sum)
 
 
-def test_disk_full_while_an_upload_arrives(tmp_path: Path, serve) -> None:  # noqa: F811
+def test_disk_full_while_an_upload_arrives(tmp_path: Path, serve) -> None:
     agg = serve(config(tmp_path))
     a, b = join(agg, "acme", "globex")
     train_tasks([a, b])
@@ -107,7 +106,7 @@ def test_disk_full_while_an_upload_arrives(tmp_path: Path, serve) -> None:  # no
         torch.testing.assert_close(agg.coordinator.params[k], v, atol=1e-6, rtol=1e-5)
 
 
-def test_disk_full_when_the_new_checkpoint_is_written(tmp_path: Path, serve) -> None:  # noqa: F811
+def test_disk_full_when_the_new_checkpoint_is_written(tmp_path: Path, serve) -> None:
     logs: list[str] = []
     agg = serve(config(tmp_path))
     agg.coordinator.log = logs.append
@@ -190,7 +189,7 @@ class CuttableProxy:
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_database_unreachable_then_back(tmp_path: Path, serve, database_url: str) -> None:  # noqa: F811
+def test_database_unreachable_then_back(tmp_path: Path, serve, database_url: str) -> None:
     url = make_url(database_url)
     proxy = CuttableProxy((url.host or "127.0.0.1", url.port or 5432))
     via_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
