@@ -21,9 +21,9 @@ from aggregator.config import is_sha256
 from aggregator.errors import InvalidArgument, Refused, Unauthenticated
 from aggregator.state import Shared
 from aggregator.store import NodeRow
-from node.curation_config import NO_CURATION
 from protos import federation_pb2 as pb
 from protos import pki
+from protos.curation import NO_CURATION
 
 # The removal counts are stored with the node's capabilities: bounded so that they stay within
 # a few KiB (32 × (64-character name + a 20-digit count)) whatever a node sends.

@@ -35,7 +35,6 @@ from model.config import dataclass_from_dict
 # Bump when the curation code changes what it keeps or how it rewrites text: the same
 # configuration then names different shards, and so gets a different hash.
 CURATION_CODE_VERSION = "fedpt-curation/1"
-NO_CURATION = "none"  # what a node whose shards were not curated reports at Join
 
 
 class CurationConfigError(ValueError):
