@@ -40,7 +40,7 @@ from model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from model.train_config import TrainConfig
 from node.checkpoint import latest_checkpoint, prune_checkpoints
 from node.client import AggregatorClient
-from node.curation_config import NO_CURATION, CurationConfig, load_curation_config
+from node.curation_config import CurationConfig, load_curation_config
 from node.energy import POWERCAP_ROOT, EnergyMeter, RoundEnergy
 from node.local_training import cache_dir, curated_source, load_splits, open_tokenizer
 from node.metrics import MetricsLog
@@ -65,6 +65,7 @@ from node.trainer import Trainer
 from protos import crash_points, pki
 from protos import federation_pb2 as pb
 from protos.codec import DEFAULT_CHUNK_BYTES, EncodedPayload, SpooledPayload, TensorSpec, specs_of
+from protos.curation import NO_CURATION
 from protos.delta_encoding import encode_update, is_secure, plain_rounding_key
 
 SECAGG_STAGES = (pb.Task.SECAGG_ADVERTISE_KEYS, pb.Task.SECAGG_SHARE_KEYS, pb.Task.SECAGG_UNMASK)

@@ -21,10 +21,11 @@ from aggregator.rounds import RecoveryError
 from aggregator.server import RunningAggregator, start_aggregator
 from model.tokenizer import ByteTokenizer
 from node.client import AggregatorClient
-from node.curation_config import NO_CURATION, load_curation_config
+from node.curation_config import load_curation_config
 from node.participant import NodeConfig, Participant
 from node.shards import pack_shards, prepare_data
 from protos import federation_pb2 as pb
+from protos.curation import NO_CURATION
 from tests.conftest import synthetic_documents
 from tests.test_aggregator import make_config
 
