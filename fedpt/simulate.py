@@ -42,7 +42,7 @@ from model.io import load_model, load_weights_into
 from model.tokenizer import ByteTokenizer
 from model.train_config import TrainConfig, TrainConfigError
 from node.builtin_corpus import list_organisations
-from node.curation import curation_sha256, open_scorer
+from node.curation import curation_sha256
 from node.curation_config import CurationConfig, CurationConfigError, load_curation_config
 from node.evaluation import mean_loss
 from node.local_training import cache_dir
@@ -318,7 +318,7 @@ class Simulation:
         address = f"127.0.0.1:{port}"
         required = ""
         if self.curation is not None:  # perplexity filtering: the hash covers the model's content
-            required = curation_sha256(self.curation, open_scorer(self.curation, ByteTokenizer()))
+            required = curation_sha256(self.curation)
             self.log(f"every node curates its corpus with {self.opts.curation} ({required[:12]}…)")
         config_path = write_aggregator_config(self.opts, self.run, port, required)
         if self.opts.engine == "flower":

@@ -128,7 +128,15 @@ def open_scorer(config: CurationConfig, tokenizer=None):
 
 
 def curation_sha256(config: CurationConfig, scorer=None) -> str:
-    return config.sha256(scorer.model_sha256 if scorer is not None else "")
+    """The configuration's sha256; with perplexity filtering it covers the reference model's
+    content, read from `scorer` when one is open, else hashed without loading the model."""
+    if scorer is not None:
+        return config.sha256(scorer.model_sha256)
+    if not config.perplexity.enabled:
+        return config.sha256()
+    from node.perplexity_filter import reference_sha256
+
+    return config.sha256(reference_sha256(config.perplexity))
 
 
 def curate(
@@ -138,15 +146,12 @@ def curate(
     *,
     tokenizer=None,
     spool_dir: Path | None = None,
-    scorer=None,
 ) -> Iterator[str]:
     """The documents `config` keeps, rewritten (PII placeholders), in corpus order; `report`
     is filled in as they stream past and complete once the stream is exhausted. `tokenizer`
-    counts the tokens of removed documents; `scorer` (default: open_scorer) may be passed in
-    by a caller that opened it already. Spool files live in a temporary folder inside
+    counts the tokens of removed documents. Spool files live in a temporary folder inside
     `spool_dir` (default: the system's), removed when the stream ends, fails or is closed."""
-    if config.perplexity.enabled and scorer is None:
-        scorer = open_scorer(config, tokenizer)
+    scorer = open_scorer(config, tokenizer)  # None without perplexity filtering
     report.sha256 = curation_sha256(config, scorer)
     removals = _Removals(report, tokenizer)
     with contextlib.ExitStack() as stack:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -179,9 +180,9 @@ class NodeConfig:
             raise NodeConfigError(str(e)) from e
         _ = self.curation_config  # raises CurationConfigError on a bad or unreadable file
 
-    @property
+    @functools.cached_property
     def curation_config(self) -> CurationConfig | None:
-        """The `curation` file's [curation] table (read on each call); None without one."""
+        """The `curation` file's [curation] table (read once); None without one."""
         return load_curation_config(Path(self.curation)) if self.curation else None
 
     @property

@@ -55,6 +55,15 @@ class PerplexityScorer:
         return total / count
 
 
+def reference_sha256(config: PerplexityConfig) -> str:
+    """The reference model's content hash (what names it in the curation sha256), without
+    building the model."""
+    from node.model_source import locate
+
+    source = locate(config.model)
+    return _content_sha256(source.weights or source.hf_folder)
+
+
 def _content_sha256(path: Path) -> str:
     """The sha256 of a weights file, or of a transformers folder's safetensors files."""
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))

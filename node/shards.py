@@ -37,7 +37,7 @@ from node.corpus import (
     iter_documents,
     resolve_files,
 )
-from node.curation import CurationReport, curate, curation_sha256, open_scorer
+from node.curation import CurationReport, curate, curation_sha256
 from node.curation_config import CurationConfig
 
 MANIFEST_NAME = "manifest.json"
@@ -425,8 +425,8 @@ def prepare_data(
     they were packed. `curation`: the documents go through curate() before packing (its
     report: load_curation_report).
     """
-    scorer = open_scorer(curation, tokenizer) if curation is not None else None
-    curation_hash = curation_sha256(curation, scorer) if curation is not None else None
+    # The hash alone (no reference model loaded): a cached entry needs nothing more.
+    curation_hash = curation_sha256(curation) if curation is not None else None
     prepared = Path(source).expanduser()
     if (prepared / "train" / MANIFEST_NAME).is_file():
         _check_tokenizer(prepared, tokenizer)
@@ -439,7 +439,7 @@ def prepare_data(
     if all((out_dir / s / MANIFEST_NAME).is_file() for s in SPLITS):
         return out_dir, _load_report(out_dir, report)
     pack_files(files, report, tokenizer, out_dir, val_fraction=val_fraction, source=source,
-               curation=curation, scorer=scorer)  # fmt: skip
+               curation=curation)  # fmt: skip
     _save_report(out_dir, report)
     return out_dir, report
 
@@ -453,7 +453,6 @@ def pack_files(
     val_fraction: float,
     source: str,
     curation: CurationConfig | None = None,
-    scorer=None,
 ) -> tuple[dict, CurationReport | None]:
     """Read `files` (counted in `report`), curate them with `curation`, pack them into
     `out_dir`: the manifests and the curation report. A DataError says what was found when
@@ -465,8 +464,7 @@ def pack_files(
         curated = CurationReport()
         spool_dir = Path(out_dir).parent  # the spool goes beside the shards
         spool_dir.mkdir(parents=True, exist_ok=True)
-        documents = curate(documents, curation, curated, tokenizer=tokenizer,
-                           spool_dir=spool_dir, scorer=scorer)  # fmt: skip
+        documents = curate(documents, curation, curated, tokenizer=tokenizer, spool_dir=spool_dir)
     try:
         manifests = pack_shards(
             documents,
